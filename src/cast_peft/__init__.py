@@ -1,0 +1,30 @@
+"""cast-peft: Conflict-Aware Sparse Tuning (CAST) as a peft LoRA tuner.
+
+Diagnose which attention heads carry the conflict between a safety and a utility objective, then align the model with
+a LoRA adapter that leaves those heads untouched::
+
+    from peft import get_peft_model
+    from cast_peft import CASTLoraConfig
+
+    peft_model = get_peft_model(model, CASTLoraConfig(r=8, skip_heads={3: [0, 5]}))
+"""
+
+__version__ = "0.1.0"
+
+from .config import CASTLoraConfig, CastWarning  # noqa: E402
+from .geometry import LAYOUTS, AttentionGeometry, UnsupportedArchitectureError  # noqa: E402
+from .layers import HeadMaskedLinear  # noqa: E402
+from .utils import count_effective_parameters, verify_frozen_heads  # noqa: E402
+
+
+__all__ = [
+    "CASTLoraConfig",
+    "CastWarning",
+    "LAYOUTS",
+    "AttentionGeometry",
+    "UnsupportedArchitectureError",
+    "HeadMaskedLinear",
+    "count_effective_parameters",
+    "verify_frozen_heads",
+    "__version__",
+]

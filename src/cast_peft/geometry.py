@@ -1,0 +1,300 @@
+"""Which rows and columns of the attention projections belong to which head.
+
+This module is the only place that knows how heads are laid out inside a model's attention projections. The
+diagnosis (per-head gradients) and the tuner (per-head LoRA masks) both ask it, so they always agree.
+
+Vocabulary:
+
+* a *projection* is one weight-carrying module of an attention block (``q_proj``, GPT-2's fused ``c_attn``, ...);
+* a *role* is what a set of features of a projection computes: ``"q"``, ``"k"``, ``"v"`` (output features) or
+  ``"o"`` (input features of the output projection). A fused projection carries three roles;
+* a *unit* is what a role is split into: query heads for ``q`` and ``o``, KV heads for ``k`` and ``v``.
+
+Adding an architecture is one entry in :data:`LAYOUTS` plus a test model in ``tests/models.py``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+
+Role = Literal["q", "k", "v", "o"]
+ROLES: tuple[Role, ...] = ("q", "k", "v", "o")
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """Where an architecture keeps its attention projections.
+
+    Args:
+        block: regex for the attention block's module path; its one group is the layer index. It is matched against a
+            suffix of the full module path, so wrappers (``base_model.model.``) do not matter.
+        projections: projection module name (relative to the block) -> the roles it carries, in feature order.
+        fused_qkv: how a projection carrying q, k and v orders them: ``"concat"`` is ``[Q(all heads) | K | V]``
+            (GPT-2, Phi-3), ``"interleaved"`` is ``[q_0 k_0 v_0 | q_1 k_1 v_1 | ...]`` (GPT-NeoX).
+    """
+
+    block: str
+    projections: Mapping[str, tuple[Role, ...]]
+    fused_qkv: Literal["concat", "interleaved"] | None = None
+
+
+_SEPARATE_QKVO = AttentionLayout(
+    block=r"layers\.(\d+)\.self_attn",
+    projections={"q_proj": ("q",), "k_proj": ("k",), "v_proj": ("v",), "o_proj": ("o",)},
+)
+
+#: Supported architectures, keyed by ``config.model_type``.
+LAYOUTS: dict[str, AttentionLayout] = {
+    "llama": _SEPARATE_QKVO,
+    "mistral": _SEPARATE_QKVO,
+    "qwen2": _SEPARATE_QKVO,
+    "qwen3": _SEPARATE_QKVO,
+    "gemma3_text": _SEPARATE_QKVO,
+    # GPT-2: transformers' Conv1D stores weights as (in, out); the MLP also has a `c_proj`, hence the full block path.
+    "gpt2": AttentionLayout(
+        block=r"h\.(\d+)\.attn", projections={"c_attn": ("q", "k", "v"), "c_proj": ("o",)}, fused_qkv="concat"
+    ),
+    # GPT-NeoX views the fused output as (n_heads, 3 * head_dim): per head [q | k | v] (transformers 5.24).
+    "gpt_neox": AttentionLayout(
+        block=r"layers\.(\d+)\.attention",
+        projections={"query_key_value": ("q", "k", "v"), "dense": ("o",)},
+        fused_qkv="interleaved",
+    ),
+    "phi3": AttentionLayout(
+        block=r"layers\.(\d+)\.self_attn",
+        projections={"qkv_proj": ("q", "k", "v"), "o_proj": ("o",)},
+        fused_qkv="concat",
+    ),
+}
+
+_HOW_TO_ADD = (
+    "To add an architecture, add one `AttentionLayout` entry to `cast_peft.geometry.LAYOUTS` (the attention block's "
+    "path regex, its projections and their roles) and a tiny test model to `tests/models.py`."
+)
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The model's attention layout is not one CAST knows; CAST refuses to guess."""
+
+
+@dataclass(frozen=True)
+class HeadCounts:
+    """The numbers that fix every head slice: layers, query heads, KV heads and the per-head width."""
+
+    model_type: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (1 for MHA, ``num_heads`` for MQA)."""
+        return self.num_heads // self.num_kv_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model_type": self.model_type,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> HeadCounts:
+        try:
+            return cls(**{key: data[key] for key in ("model_type", "num_layers", "num_heads", "num_kv_heads", "head_dim")})
+        except KeyError as err:
+            raise ValueError(f"Attention geometry {dict(data)} lacks {err}; rebuild it from the model.") from None
+
+    @classmethod
+    def from_model_config(cls, config: Any) -> HeadCounts:
+        """Read the counts from a transformers config (object or ``to_dict()`` output)."""
+        if isinstance(config, Mapping):
+            config = _DictConfig(config)
+        elif hasattr(config, "get_text_config"):
+            config = config.get_text_config()
+        model_type = getattr(config, "model_type", None)
+        layout_of(model_type)  # refuse unknown architectures before reading their fields
+        num_heads = _first_attr(config, "num_attention_heads", "n_head")
+        num_layers = _first_attr(config, "num_hidden_layers", "n_layer")
+        hidden = _first_attr(config, "hidden_size", "n_embd")
+        num_kv = getattr(config, "num_key_value_heads", None) or num_heads
+        head_dim = getattr(config, "head_dim", None) or hidden // num_heads
+        if num_heads % num_kv:
+            raise UnsupportedArchitectureError(f"{num_heads} query heads cannot be grouped over {num_kv} KV heads.")
+        return cls(model_type, int(num_layers), int(num_heads), int(num_kv), int(head_dim))
+
+
+class _DictConfig:
+    """Attribute access over a config dict, as peft hands it to tuners (``config.to_dict()``)."""
+
+    def __init__(self, data: Mapping[str, Any]):
+        self.__dict__.update(data)
+        text = data.get("text_config")
+        if isinstance(text, Mapping) and "model_type" in text and text["model_type"] in LAYOUTS:
+            self.__dict__.update(text)
+
+
+def _first_attr(config: Any, *names: str) -> Any:
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    raise UnsupportedArchitectureError(f"The model config has none of {names}.")
+
+
+def layout_of(model_type: str | None) -> AttentionLayout:
+    """The layout of ``model_type``, or a clear error listing the supported ones."""
+    if model_type not in LAYOUTS:
+        raise UnsupportedArchitectureError(
+            f"CAST does not know the attention layout of model_type={model_type!r}. Supported: "
+            f"{', '.join(sorted(LAYOUTS))}. {_HOW_TO_ADD}"
+        )
+    return LAYOUTS[model_type]
+
+
+@dataclass(frozen=True)
+class ProjectionRef:
+    """One attention projection found in a model path: its layer, its name in the block and its roles."""
+
+    layer: int
+    name: str
+    roles: tuple[Role, ...]
+
+
+@dataclass(frozen=True)
+class AttentionGeometry:
+    """Head slices of every attention projection of one architecture with one set of head counts."""
+
+    counts: HeadCounts
+
+    @property
+    def layout(self) -> AttentionLayout:
+        return layout_of(self.counts.model_type)
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> AttentionGeometry:
+        """Geometry of a transformers model (or a peft wrapper of one), checked against the actual weight shapes."""
+        config = getattr(model, "config", None)
+        if config is None:
+            raise UnsupportedArchitectureError(
+                f"{type(model).__name__} has no `.config`; CAST needs a transformers model. {_HOW_TO_ADD}"
+            )
+        geometry = cls(HeadCounts.from_model_config(config))
+        geometry.check_model(model)
+        return geometry
+
+    # ----------------------------------------------------------------------------------------------- module paths
+    def parse(self, path: str) -> ProjectionRef | None:
+        """The attention projection that ``path`` names, or ``None`` when it is not one (e.g. an MLP module)."""
+        names = "|".join(re.escape(name) for name in self.layout.projections)
+        match = re.search(rf"(?:^|\.){self.layout.block}\.({names})$", path)
+        if match is None:
+            return None
+        layer, name = int(match.group(1)), match.group(2)
+        return ProjectionRef(layer, name, self.layout.projections[name])
+
+    def target_modules_regex(self) -> str:
+        """A peft ``target_modules`` regex (full match) selecting exactly the attention projections."""
+        names = "|".join(re.escape(name) for name in self.layout.projections)
+        return rf"(?:.*\.)?{self.layout.block.replace('(', '(?:', 1)}\.(?:{names})"
+
+    def projections(self, model: nn.Module) -> dict[int, dict[str, str]]:
+        """``{layer: {projection name: full module path}}`` for every attention projection of ``model``."""
+        found: dict[int, dict[str, str]] = {}
+        for path, _ in model.named_modules():
+            ref = self.parse(path)
+            if ref is not None:
+                found.setdefault(ref.layer, {})[ref.name] = path
+        return found
+
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse a model whose projections are not where, or not the size, this geometry says."""
+        found = self.projections(model)
+        counts = self.counts
+        if sorted(found) != list(range(counts.num_layers)):
+            raise UnsupportedArchitectureError(
+                f"Expected attention projections in layers 0..{counts.num_layers - 1} of this {counts.model_type} "
+                f"model, found layers {sorted(found)}. {_HOW_TO_ADD}"
+            )
+        modules = dict(model.named_modules())
+        for layer, paths in found.items():
+            missing = set(self.layout.projections) - set(paths)
+            if missing:
+                raise UnsupportedArchitectureError(f"Layer {layer} lacks projections {sorted(missing)}. {_HOW_TO_ADD}")
+            for name, path in paths.items():
+                out_features, in_features = _feature_counts(modules[path])
+                side_size = in_features if name_is_input_side(self.layout.projections[name]) else out_features
+                expected = self.features(name)
+                if side_size != expected:
+                    raise UnsupportedArchitectureError(
+                        f"{path} has {side_size} {'input' if name_is_input_side(self.layout.projections[name]) else 'output'} "
+                        f"features but {counts.num_heads} heads x {counts.head_dim} (KV heads: {counts.num_kv_heads}) "
+                        f"give {expected}. The layout may carry extra per-head channels CAST does not know; refusing "
+                        f"to guess. {_HOW_TO_ADD}"
+                    )
+
+    # ----------------------------------------------------------------------------------------------- head slices
+    def units(self, role: Role) -> int:
+        """How many units a role splits into: query heads for q/o, KV heads for k/v."""
+        return self.counts.num_kv_heads if role in ("k", "v") else self.counts.num_heads
+
+    def features(self, name: str) -> int:
+        """Number of head-sliced features (outputs, or inputs for ``o``) of projection ``name``."""
+        return sum(self.units(role) for role in self.layout.projections[name]) * self.counts.head_dim
+
+    def role_index(self, name: str, role: Role) -> torch.Tensor:
+        """Feature indices of ``role`` inside projection ``name``: a LongTensor ``[units(role), head_dim]``.
+
+        Row ``u`` holds the output features (input features for ``o``) that belong to unit ``u``.
+        """
+        roles = self.layout.projections[name]
+        if role not in roles:
+            raise KeyError(f"Projection {name!r} does not carry role {role!r} (it carries {roles}).")
+        d = self.counts.head_dim
+        within_head = torch.arange(d)
+        if len(roles) > 1 and self.layout.fused_qkv == "interleaved":
+            # [q_h | k_h | v_h] per head; only defined for MHA (GPT-NeoX has no GQA).
+            offset = roles.index(role) * d
+            return torch.arange(self.units(role))[:, None] * (len(roles) * d) + offset + within_head
+        offset = sum(self.units(other) for other in roles[: roles.index(role)]) * d
+        return offset + torch.arange(self.units(role))[:, None] * d + within_head
+
+    def kv_head_of(self, head: int) -> int:
+        """The KV head that query head ``head`` reads."""
+        return head // self.counts.group_size
+
+    def enabled_features(self, name: str, enabled_units: Mapping[Role, torch.Tensor]) -> torch.Tensor:
+        """Boolean mask over the head-sliced features of projection ``name`` from per-role unit masks.
+
+        ``enabled_units[role]`` is a bool tensor ``[units(role)]``; the result is ``[features(name)]``.
+        """
+        mask = torch.zeros(self.features(name), dtype=torch.bool)
+        for role in self.layout.projections[name]:
+            index = self.role_index(name, role)
+            mask[index.reshape(-1)] = enabled_units[role].repeat_interleave(self.counts.head_dim)
+        return mask
+
+
+def name_is_input_side(roles: tuple[Role, ...]) -> bool:
+    """Whether a projection's heads are its input features (the output projection) rather than its outputs."""
+    return roles == ("o",)
+
+
+def _feature_counts(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a Linear, a transformers Conv1D or a bitsandbytes layer."""
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    if hasattr(base, "out_features") and hasattr(base, "in_features"):
+        return base.out_features, base.in_features
+    if type(base).__name__ == "Conv1D":  # weight stored (in, out)
+        return base.nf, base.weight.shape[0]
+    raise UnsupportedArchitectureError(f"Cannot read the feature sizes of a {type(base).__name__}. {_HOW_TO_ADD}")

@@ -1,0 +1,200 @@
+"""Head-masked LoRA layers.
+
+A CAST layer is peft's own LoRA layer with one change: the LoRA factor that touches head features is swapped for a
+:class:`HeadMaskedLinear` that shares its weight and multiplies it by a fixed mask. For q/k/v (and fused qkv)
+projections the mask zeroes ``lora_B`` rows of skipped heads' output features; for the output projection it zeroes
+``lora_A`` columns of skipped heads' input features. So every forward path peft has (plain, mixed-batch, bitsandbytes)
+is masked without copying peft's forward code, and the masked slices:
+
+* are zeroed when the mask is installed and after every state-dict load,
+* get an exactly-zero gradient (the mask is applied in forward), so SGD/Adam/AdamW with weight decay keep them 0,
+* give an exactly-zero delta, so merging adds ``+0`` to skipped heads and leaves them bit-identical.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft.import_utils import is_bnb_4bit_available, is_bnb_available
+from peft.tuners.lora import Linear as LoraLinear
+from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+
+class HeadMaskedLinear(nn.Linear):
+    """An ``nn.Linear`` (a LoRA factor) whose weight is multiplied by a fixed boolean mask in every forward.
+
+    It shares the ``Parameter`` of the factor it replaces, so optimizers, peft's ``requires_grad`` handling and the
+    state dict (``lora_B.<adapter>.weight``) see the same tensor as with plain LoRA. The mask is a non-persistent
+    buffer: checkpoints stay plain LoRA.
+    """
+
+    def __init__(self, linear: nn.Linear, mask: torch.Tensor):
+        # Built without nn.Linear.__init__ so no weights are allocated or initialised (no RNG is consumed).
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.register_buffer("weight_mask", mask.to(device=linear.weight.device, dtype=torch.bool), persistent=False)
+        self.zero_masked_()
+        self.register_load_state_dict_post_hook(_zero_masked_after_load)
+
+    @torch.no_grad()
+    def zero_masked_(self) -> None:
+        """Set the masked slice of the weight to exactly zero."""
+        if self.weight.device.type != "meta":
+            self.weight.mul_(self.weight_mask.to(self.weight.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight * self.weight_mask, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, masked={int((~self.weight_mask).sum())}/{self.weight_mask.numel()}"
+
+
+def _zero_masked_after_load(module: HeadMaskedLinear, incompatible_keys: Any) -> None:
+    # A checkpoint trained without masks may carry non-zero values in skipped heads' slices; keep them physically 0
+    # so raw-weight consumers (merging, add_weighted_adapter, exports) agree with the masked forward.
+    module.zero_masked_()
+
+
+class CastLayerMixin:
+    """Installs per-adapter head masks on a peft LoRA layer; put it before the peft class in the bases."""
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: Any, **kwargs: Any) -> None:
+        super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+        if kwargs.get("target_name") is not None:
+            self.install_head_mask(adapter_name, config, kwargs["target_name"])
+
+    def install_head_mask(self, adapter_name: str, config: Any, target_name: str) -> None:
+        """Swap the head-facing LoRA factor of ``adapter_name`` for a masked one (no-op for plain LoRA configs)."""
+        from .config import CASTLoraConfig
+
+        if not isinstance(config, CASTLoraConfig):
+            return  # a plain LoRA adapter on the same module: no mask
+        spec = config.feature_mask(target_name)
+        if spec is None:
+            return
+        enabled, side = spec
+        factors = self.lora_B if side == "out" else self.lora_A
+        factor = factors[adapter_name]
+        if isinstance(factor, HeadMaskedLinear) or bool(enabled.all()):
+            return  # nothing skipped in this projection: plain LoRA, no overhead
+        mask = enabled[:, None] if side == "out" else enabled[None, :]
+        factors[adapter_name] = HeadMaskedLinear(factor, mask)
+
+    def head_mask(self, adapter_name: str) -> torch.Tensor | None:
+        """Mask (broadcastable to the LoRA delta ``[out, in]``) of ``adapter_name``, ``None`` when nothing is masked."""
+        for factors in (self.lora_B, self.lora_A):
+            factor = factors[adapter_name] if adapter_name in factors else None
+            if isinstance(factor, HeadMaskedLinear):
+                return factor.weight_mask
+        return None
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        # Exactly equal to the parent's delta while masked slices are zero; multiplying again guards against slices
+        # written behind the layer's back (e.g. weights assigned directly).
+        delta = super().get_delta_weight(adapter)
+        mask = self.head_mask(adapter)
+        if mask is None:
+            return delta
+        mask = mask.to(delta.device)
+        return delta * (mask.T if self.fan_in_fan_out else mask)
+
+
+class CastLinear(CastLayerMixin, LoraLinear):
+    """Head-masked LoRA for ``nn.Linear`` and transformers ``Conv1D`` (GPT-2) bases."""
+
+
+def _bnb_classes() -> dict[str, type]:
+    classes: dict[str, type] = {}
+    if is_bnb_available():
+        from peft.tuners.lora.bnb import Linear8bitLt
+
+        class CastLinear8bitLt(CastLayerMixin, Linear8bitLt):
+            """Head-masked LoRA on a bitsandbytes 8-bit base."""
+
+            def __init__(self, base_layer, adapter_name, config, target_name=None, **kwargs):
+                super().__init__(base_layer, adapter_name, config=config, **kwargs)
+                # peft's bnb layers do not pass target_name to update_layer for the first adapter (peft 0.21.2).
+                self.install_head_mask(adapter_name, config, target_name)
+
+        classes["8bit"] = CastLinear8bitLt
+    if is_bnb_4bit_available():
+        from peft.tuners.lora.bnb import Linear4bit
+
+        class CastLinear4bit(CastLayerMixin, Linear4bit):
+            """Head-masked LoRA on a bitsandbytes 4-bit (QLoRA) base."""
+
+            def __init__(self, base_layer, adapter_name, config, target_name=None, **kwargs):
+                super().__init__(base_layer, adapter_name, config=config, **kwargs)
+                self.install_head_mask(adapter_name, config, target_name)
+
+        classes["4bit"] = CastLinear4bit
+    return classes
+
+
+_BNB_CLASSES = _bnb_classes()
+CastLinear8bitLt = _BNB_CLASSES.get("8bit")
+CastLinear4bit = _BNB_CLASSES.get("4bit")
+
+
+def dispatch_cast(target: nn.Module, adapter_name: str, config: Any, **kwargs: Any) -> nn.Module | None:
+    """peft dynamic-dispatch entry: a CAST layer for attention projections, ``None`` (plain LoRA) for the rest."""
+    if config.feature_mask(kwargs["target_name"]) is None:
+        return None
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    if CastLinear4bit is not None:
+        import bitsandbytes as bnb
+
+        if isinstance(base, bnb.nn.Linear4bit):
+            # Same extra arguments as peft's dispatch_bnb_4bit (peft 0.21.2).
+            return CastLinear4bit(
+                target,
+                adapter_name,
+                config=config,
+                compute_dtype=base.compute_dtype,
+                compress_statistics=base.weight.compress_statistics,
+                quant_type=base.weight.quant_type,
+                **kwargs,
+            )
+    if CastLinear8bitLt is not None:
+        import bitsandbytes as bnb
+
+        if isinstance(base, bnb.nn.Linear8bitLt):
+            # Same extra arguments as peft's dispatch_bnb_8bit (peft 0.21.2).
+            return CastLinear8bitLt(
+                target,
+                adapter_name,
+                config=config,
+                has_fp16_weights=base.state.has_fp16_weights,
+                threshold=base.state.threshold,
+                index=base.index,
+                **kwargs,
+            )
+    is_conv1d = isinstance(base, Conv1D)
+    if is_conv1d != bool(config.fan_in_fan_out):
+        raise ValueError(
+            f"{kwargs['target_name']} is a {type(base).__name__} but fan_in_fan_out={config.fan_in_fan_out}; "
+            f"set fan_in_fan_out={is_conv1d} (Conv1D stores weights as (in, out))."
+        )
+    if isinstance(base, (nn.Linear, Conv1D)):
+        return CastLinear(target, adapter_name, config=config, is_target_conv_1d_layer=is_conv1d, **kwargs)
+    raise ValueError(
+        f"CAST cannot put a head-masked LoRA on {kwargs['target_name']} ({type(base).__name__}); supported bases "
+        f"are nn.Linear, transformers Conv1D and bitsandbytes Linear4bit/Linear8bitLt."
+    )
+
+
+def custom_module_mapping() -> dict[type, Any]:
+    """The ``_register_custom_module`` mapping. bitsandbytes layers subclass nn.Linear, so one callable serves all."""
+    return {nn.Linear: dispatch_cast, Conv1D: dispatch_cast}
+
+
+def cast_layers(model: nn.Module) -> dict[str, LoraLayer]:
+    """All CAST layers of a (peft) model by module path."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, CastLayerMixin)}

@@ -1,0 +1,78 @@
+"""Tiny randomly initialised models of every supported architecture, built offline from transformers configs."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+
+VOCAB = 96
+
+# Each config exercises what its architecture brings: GQA (llama, mistral, qwen2, qwen3, phi3), MQA and
+# head_dim != hidden / heads (gemma3_text, qwen3), fused Conv1D [Q|K|V] (gpt2), per-head interleaved qkv (gpt_neox),
+# q/k/v biases (qwen2, gpt2, gpt_neox).
+TINY_CONFIGS: dict[str, transformers.PretrainedConfig] = {
+    "llama": transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    ),
+    "mistral": transformers.MistralConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    ),
+    "qwen2": transformers.Qwen2Config(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    ),
+    "qwen3": transformers.Qwen3Config(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=12,
+    ),
+    "gemma3_text": transformers.Gemma3TextConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=8,
+    ),
+    "gpt2": transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64),
+    "gpt_neox": transformers.GPTNeoXConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4
+    ),
+    "phi3": transformers.Phi3Config(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+    ),
+}
+ARCHS = sorted(TINY_CONFIGS)
+
+
+def build_tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> transformers.PreTrainedModel:
+    """A deterministic tiny causal LM of ``arch`` with eager attention (so per-head outputs are exact)."""
+    config = TINY_CONFIGS[arch].__class__.from_dict(TINY_CONFIGS[arch].to_dict())
+    config.vocab_size = VOCAB
+    config.bos_token_id = config.eos_token_id = 1
+    config.pad_token_id = 0
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if arch in ("qwen2",):
+        # Qwen2 initialises q/k/v biases to zero; random biases make the bias-row checks meaningful.
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("bias"):
+                    param.normal_(0, 0.1)
+    return model.eval()
+
+
+def tiny_batch(seed: int = 0, batch: int = 2, length: int = 10) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(2, VOCAB, (batch, length), generator=generator)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
