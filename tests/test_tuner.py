@@ -204,8 +204,9 @@ def test_no_skipped_heads_equals_vanilla_lora(arch):
         results.append((loss.detach(), grads))
     (cast_loss, cast_grads), (lora_loss, lora_grads) = results
     assert torch.equal(cast_loss, lora_loss)
-    assert cast_grads.keys() == lora_grads.keys() and len(cast_grads) == 4 * len(AttentionGeometry.from_model(
-        build_tiny_model(arch)).layout.projections)
+    assert cast_grads.keys() == lora_grads.keys() and len(cast_grads) == 4 * len(
+        AttentionGeometry.from_model(build_tiny_model(arch)).layout.projections
+    )
     for name in cast_grads:
         assert torch.equal(cast_grads[name], lora_grads[name]), name
 

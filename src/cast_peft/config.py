@@ -61,7 +61,9 @@ def normalize_head_map(value: Any, name: str = "skip_heads") -> dict[int, list[i
                 f"`{name}` entry {layer!r}: {heads!r} is not `layer index -> list of head indices`; use e.g. {{3: [0, 5]}}."
             ) from None
         if layer_index < 0 or any(h < 0 for h in head_list):
-            raise ValueError(f"`{name}` has a negative layer or head index ({layer!r}: {heads!r}); indices start at 0.")
+            raise ValueError(
+                f"`{name}` has a negative layer or head index ({layer!r}: {heads!r}); indices start at 0."
+            )
         if head_list:
             result[layer_index] = head_list
     return dict(sorted(result.items()))
@@ -112,6 +114,9 @@ class CASTLoraConfig(LoraConfig):
     )
 
     def __post_init__(self) -> None:
+        # Checked before LoraConfig's own validation so users get CAST's reason (peft may fail first on, e.g., LoftQ
+        # needing scipy).
+        self._refuse_settings_that_move_skipped_heads()
         super().__post_init__()
         self.skip_heads = normalize_head_map(self.skip_heads, "skip_heads")
         self.skip_kv_heads = (
@@ -119,6 +124,16 @@ class CASTLoraConfig(LoraConfig):
         )
         if self.kv_head_policy not in ("all", "any"):
             raise ValueError(f"kv_head_policy={self.kv_head_policy!r}; use 'all' (default) or 'any'.")
+        if self.attention_geometry is not None:
+            self.attention_geometry = HeadCounts.from_dict(self.attention_geometry).to_dict()
+            self._check_skip_sets(self.counts)
+        # `_custom_modules` is not serialised, so every construction path registers the dispatcher again. Experimental
+        # peft API, checked against peft 0.19-0.21 (`LoraConfig._register_custom_module`).
+        from .layers import custom_module_mapping
+
+        self._register_custom_module(custom_module_mapping())
+
+    def _refuse_settings_that_move_skipped_heads(self) -> None:
         if self.use_dora:
             raise ValueError(
                 "CAST cannot use DoRA: its magnitude vector rescales whole rows, including those of skipped heads. "
@@ -133,14 +148,6 @@ class CASTLoraConfig(LoraConfig):
             )
         if self.target_parameters:
             raise ValueError("CAST adapts attention projections, not `target_parameters`; remove target_parameters.")
-        if self.attention_geometry is not None:
-            self.attention_geometry = HeadCounts.from_dict(self.attention_geometry).to_dict()
-            self._check_skip_sets(self.counts)
-        # `_custom_modules` is not serialised, so every construction path registers the dispatcher again. Experimental
-        # peft API, checked against peft 0.19-0.21 (`LoraConfig._register_custom_module`).
-        from .layers import custom_module_mapping
-
-        self._register_custom_module(custom_module_mapping())
 
     # --------------------------------------------------------------------------------------------- geometry
     @property
@@ -221,9 +228,17 @@ class CASTLoraConfig(LoraConfig):
 
     # --------------------------------------------------------------------------------------------- constructors
     @classmethod
-    def from_conflict_map(cls, conflict_map: Any, *, skip_ratio: float | None = None, skip_k: int | None = None,
-                          threshold: float | None = None, policy: str = "score", seed: int = 0,
-                          **lora_kwargs: Any) -> CASTLoraConfig:
+    def from_conflict_map(
+        cls,
+        conflict_map: Any,
+        *,
+        skip_ratio: float | None = None,
+        skip_k: int | None = None,
+        threshold: float | None = None,
+        policy: str = "score",
+        seed: int = 0,
+        **lora_kwargs: Any,
+    ) -> CASTLoraConfig:
         """Config that skips the heads ``conflict_map.select(...)`` picks; other arguments go to `LoraConfig`."""
         skip = conflict_map.select(skip_ratio=skip_ratio, skip_k=skip_k, threshold=threshold, policy=policy, seed=seed)
         return cls(skip_heads=skip, attention_geometry=conflict_map.counts.to_dict(), **lora_kwargs)
@@ -248,8 +263,9 @@ class CASTLoraConfig(LoraConfig):
         atomic_write_text(save_directory / CAST_CONFIG_NAME, json.dumps(cast_dict, indent=2, sort_keys=True))
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None,
-                        **kwargs: Any) -> CASTLoraConfig:
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any
+    ) -> CASTLoraConfig:
         """Load a CAST adapter's config. peft's own loader would return a plain `LoraConfig` for ``"LORA"``."""
         lora = LoraConfig.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         folder = Path(pretrained_model_name_or_path) / (subfolder or "")

@@ -111,7 +111,9 @@ class HeadCounts:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> HeadCounts:
         try:
-            return cls(**{key: data[key] for key in ("model_type", "num_layers", "num_heads", "num_kv_heads", "head_dim")})
+            return cls(
+                **{key: data[key] for key in ("model_type", "num_layers", "num_heads", "num_kv_heads", "head_dim")}
+            )
         except KeyError as err:
             raise ValueError(f"Attention geometry {dict(data)} lacks {err}; rebuild it from the model.") from None
 

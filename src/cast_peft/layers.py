@@ -90,7 +90,7 @@ class CastLayerMixin:
     def head_mask(self, adapter_name: str) -> torch.Tensor | None:
         """Mask (broadcastable to the LoRA delta ``[out, in]``) of ``adapter_name``, ``None`` when nothing is masked."""
         for factors in (self.lora_B, self.lora_A):
-            factor = factors[adapter_name] if adapter_name in factors else None
+            factor = factors[adapter_name] if adapter_name in factors else None  # noqa: SIM401 (ModuleDict has no .get)
             if isinstance(factor, HeadMaskedLinear):
                 return factor.weight_mask
         return None
