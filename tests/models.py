@@ -76,3 +76,28 @@ def tiny_batch(seed: int = 0, batch: int = 2, length: int = 10) -> dict[str, tor
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(2, VOCAB, (batch, length), generator=generator)
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def build_tiny_tokenizer(chat: bool = True) -> transformers.PreTrainedTokenizerFast:
+    """A character-level BPE tokenizer with ``VOCAB`` ids (fits the tiny models), trained offline on the starter set."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from cast_peft.data import starter_set
+
+    corpus = [f"{ex['prompt']} {ex['response']}" for kind in ("safety", "utility") for ex in starter_set(kind)]
+    specials = ["<pad>", "<|end|>", "<unk>", "<|user|>", "<|assistant|>"]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace()
+    bpe.decoder = decoders.Metaspace()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=specials, limit_alphabet=60))
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=bpe, pad_token="<pad>", eos_token="<|end|>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE if chat else None
+    return tokenizer
