@@ -278,3 +278,36 @@ def test_verify_frozen_heads_detects_a_written_slice():
         peft_model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight[0, 0] = 1.0
     with pytest.raises(AssertionError, match="non-zero"):
         verify_frozen_heads(peft_model)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "phi3"])
+def test_bf16_base_merge_keeps_skipped_heads_bit_identical(arch):
+    model = build_tiny_model(arch, dtype=torch.bfloat16)
+    base = _base_weights(model)
+    config = CASTLoraConfig(r=4, skip_heads=SKIP, init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    frozen = _frozen_slices(peft_model.base_model.model, config.geometry, config)
+    merged = peft_model.merge_and_unload()
+    modules = dict(merged.named_modules())
+    for path, slices in frozen.items():
+        assert modules[path].weight.dtype == torch.bfloat16
+        weight = _weight_out_in(modules[path])
+        base_weight = base[f"{path}.weight"]
+        base_weight = base_weight.T if isinstance(modules[path], Conv1D) else base_weight
+        for side, index in slices:
+            kept = weight[index] if side == "out" else weight[:, index]
+            assert torch.equal(kept, base_weight[index] if side == "out" else base_weight[:, index]), path
+        assert not torch.equal(weight, base_weight), path
+
+
+def test_same_seed_same_adapter():
+    def run():
+        torch.manual_seed(3)
+        peft_model = get_peft_model(build_tiny_model("qwen2"), CASTLoraConfig(r=4, skip_heads=SKIP))
+        _train(peft_model, steps=5)
+        return {n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_" in n}
+
+    first, second = run(), run()
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
