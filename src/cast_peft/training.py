@@ -117,7 +117,8 @@ def train_adapter(
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     peft_model.eval()
     if trainer.is_world_process_zero():
-        peft_model.save_pretrained(output_dir / "adapter")
+        # Attention adapters never touch the embeddings; "auto" would look the base model up on the hub.
+        peft_model.save_pretrained(output_dir / "adapter", save_embedding_layers=False)
     return peft_model
 
 
