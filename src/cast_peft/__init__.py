@@ -12,6 +12,8 @@ a LoRA adapter that leaves those heads untouched::
 __version__ = "0.1.0"
 
 from .config import CASTLoraConfig, CastWarning  # noqa: E402
+from .conflict_map import ConflictMap  # noqa: E402
+from .diagnosis import diagnose  # noqa: E402
 from .geometry import LAYOUTS, AttentionGeometry, UnsupportedArchitectureError  # noqa: E402
 from .layers import HeadMaskedLinear  # noqa: E402
 from .utils import count_effective_parameters, verify_frozen_heads  # noqa: E402
@@ -20,6 +22,8 @@ from .utils import count_effective_parameters, verify_frozen_heads  # noqa: E402
 __all__ = [
     "CASTLoraConfig",
     "CastWarning",
+    "ConflictMap",
+    "diagnose",
     "LAYOUTS",
     "AttentionGeometry",
     "UnsupportedArchitectureError",

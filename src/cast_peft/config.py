@@ -237,10 +237,17 @@ class CASTLoraConfig(LoraConfig):
         threshold: float | None = None,
         policy: str = "score",
         seed: int = 0,
+        kv_skip_ratio: float | None = None,
         **lora_kwargs: Any,
     ) -> CASTLoraConfig:
-        """Config that skips the heads ``conflict_map.select(...)`` picks; other arguments go to `LoraConfig`."""
+        """Config that skips the heads ``conflict_map.select(...)`` picks; other arguments go to `LoraConfig`.
+
+        KV heads follow ``kv_head_policy`` unless ``kv_skip_ratio`` is given: then the map's KV-level scores
+        (``kv_scoring="separate"``) pick that fraction of KV heads to freeze (``conflict_map.select_kv``).
+        """
         skip = conflict_map.select(skip_ratio=skip_ratio, skip_k=skip_k, threshold=threshold, policy=policy, seed=seed)
+        if kv_skip_ratio is not None:
+            lora_kwargs["skip_kv_heads"] = conflict_map.select_kv(skip_ratio=kv_skip_ratio, policy=policy, seed=seed)
         return cls(skip_heads=skip, attention_geometry=conflict_map.counts.to_dict(), **lora_kwargs)
 
     # --------------------------------------------------------------------------------------------- save / load

@@ -1,0 +1,353 @@
+"""Per-head gradients from module hooks, for the diagnosis.
+
+The weight gradient of a linear projection ``y = x Wᵀ + b`` is ``∂L/∂W = gᵀ x`` and ``∂L/∂b = Σ g``, with ``x`` the
+projection's input and ``g = ∂L/∂y``. A forward hook keeps ``x`` and puts a tensor hook on ``y``; when the backward
+pass reaches ``y`` the tensor hook gets ``g`` and adds ``gᵀ x`` to an fp32 accumulator. Autograd itself never needs a
+weight gradient, so base weights stay ``requires_grad=False`` and a bitsandbytes 4-bit base works as well (the
+gradient is the one of the dequantized weight it computes with). Everything here is in ``nn.Linear`` orientation
+(``[out, in]``); transformers' ``Conv1D`` (GPT-2) computes the same ``x W + b`` with ``W`` stored transposed.
+
+Per head only four kinds of block matter (see ``geometry.py``): the q/k/v rows of a unit (output features, plus their
+bias entries) and the o-projection's input columns of a head. The cosine of the safety and utility gradient over any
+union of such blocks needs only three numbers per block, ``⟨G_s, G_s⟩``, ``⟨G_u, G_u⟩`` and ``⟨G_s, G_u⟩``, which add
+up over disjoint blocks; :func:`unit_stats` returns them per role and unit.
+
+Two accumulator layouts:
+
+* exact: the full ``[out, in]`` gradient of every attention projection (1x the attention weights per objective, fp32;
+  optionally kept in CPU memory);
+* sketch: per unit, the ``[head_dim, in]`` block multiplied by a fixed Gaussian matrix ``S [in, k]`` (entries
+  ``N(0, 1/k)``, seeded), i.e. ``gᵀ (x S)``: exact on the head side, a Johnson-Lindenstrauss projection on the hidden
+  side. Inner products are unbiased, ``E[⟨A S, B S⟩] = ⟨A, B⟩``; biases stay exact. The same ``S`` serves both
+  objectives (and every process), so their inner products are comparable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .geometry import AttentionGeometry, Role, _feature_counts, name_is_input_side
+
+
+@dataclass(frozen=True)
+class HookedProjection:
+    """One attention projection the diagnosis hooks: where it is, what it carries and its sizes."""
+
+    layer: int
+    name: str
+    path: str
+    roles: tuple[Role, ...]
+    module: nn.Module
+    out_features: int
+    in_features: int
+    has_bias: bool
+
+    @property
+    def input_side(self) -> bool:
+        return name_is_input_side(self.roles)
+
+    @property
+    def device(self) -> torch.device:
+        for tensor in self.module.parameters():
+            return tensor.device
+        return torch.device("cpu")
+
+
+def hooked_projections(model: nn.Module, geometry: AttentionGeometry) -> list[HookedProjection]:
+    """Every attention projection of ``model`` in (layer, projection) order; peft wrappers are unwrapped."""
+    modules = dict(model.named_modules())
+    found = []
+    for layer, paths in sorted(geometry.projections(model).items()):
+        for name in geometry.layout.projections:
+            module = modules[paths[name]]
+            base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+            out_features, in_features = _feature_counts(base)
+            bias = getattr(base, "bias", None)
+            found.append(
+                HookedProjection(
+                    layer,
+                    name,
+                    paths[name],
+                    geometry.layout.projections[name],
+                    base,
+                    out_features,
+                    in_features,
+                    isinstance(bias, torch.Tensor),
+                )
+            )
+    return found
+
+
+def exact_bytes(projections: list[HookedProjection]) -> int:
+    """fp32 bytes of one objective's exact accumulators."""
+    return 4 * sum(p.out_features * p.in_features + (p.out_features if p.has_bias else 0) for p in projections)
+
+
+def sketch_bytes(projections: list[HookedProjection], geometry: AttentionGeometry, sketch_dim: int) -> int:
+    """fp32 bytes of one objective's sketched accumulators."""
+    d = geometry.counts.head_dim
+    total = 0
+    for p in projections:
+        total += sum(geometry.units(role) * d * sketch_dim for role in p.roles)
+        total += p.out_features if p.has_bias else 0
+    return 4 * total
+
+
+class _Sketch:
+    """Fixed Gaussian matrices ``[dim, k]`` with ``N(0, 1/k)`` entries, one per hidden size, generated on the CPU."""
+
+    def __init__(self, dim: int, seed: int):
+        self.k, self.seed = dim, seed
+        self._cache: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def matrix(self, rows: int, device: torch.device) -> torch.Tensor:
+        key = (rows, device)
+        if key not in self._cache:
+            # Generated on the CPU from (seed, rows) so every device and every process gets the same matrix.
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + rows)
+            matrix = torch.randn(rows, self.k, generator=generator, dtype=torch.float32) / self.k**0.5
+            self._cache[key] = matrix.to(device)
+        return self._cache[key]
+
+
+class GradAccumulator:
+    """Sum of one objective's weight gradients over the attention projections (exact or sketched), fp32.
+
+    Args:
+        projections: the hooked projections.
+        geometry: the head slices.
+        sketch_dim: ``None`` for exact accumulators, else the hidden-side sketch width ``k``.
+        seed: seed of the sketch matrix.
+        offload: keep the accumulators in CPU memory (each batch's contribution is computed on the model's device
+            and then added on the CPU).
+    """
+
+    def __init__(
+        self,
+        projections: list[HookedProjection],
+        geometry: AttentionGeometry,
+        *,
+        sketch_dim: int | None = None,
+        seed: int = 0,
+        offload: bool = False,
+    ):
+        self.projections, self.geometry = projections, geometry
+        self.sketch = _Sketch(sketch_dim, seed) if sketch_dim else None
+        self._index = {
+            (p.path, role): geometry.role_index(p.name, role).reshape(-1).to(p.device)
+            for p in projections
+            for role in p.roles
+        }
+        self.weight: dict[str, torch.Tensor] = {}
+        self.unit: dict[tuple[str, Role], torch.Tensor] = {}
+        self.bias: dict[str, torch.Tensor] = {}
+        d = geometry.counts.head_dim
+        for p in projections:
+            device = torch.device("cpu") if offload else p.device
+            if self.sketch is None:
+                self.weight[p.path] = torch.zeros(p.out_features, p.in_features, device=device)
+            else:
+                for role in p.roles:
+                    self.unit[(p.path, role)] = torch.zeros(geometry.units(role), d, self.sketch.k, device=device)
+            if p.has_bias and not p.input_side:
+                self.bias[p.path] = torch.zeros(p.out_features, device=device)
+
+    @torch.no_grad()
+    def add(self, p: HookedProjection, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Add one backward pass's ``gᵀ x`` (and ``Σ g`` for a bias).
+
+        Returns ``Σ x + Σ g`` (fp32): finite exactly when every input and output gradient entry is, so one check per
+        batch finds a NaN/inf gradient without a pass over the accumulators (a NaN activation at a padded position,
+        where g is 0, would still poison ``gᵀ x``).
+        """
+        x = x.reshape(-1, x.shape[-1]).float()
+        g = g.reshape(-1, g.shape[-1]).float()
+        check = x.sum() + g.sum()
+        if self.sketch is None:
+            acc = self.weight[p.path]
+            if acc.device == x.device:
+                acc.addmm_(g.t(), x)  # in place: no [out, in] temporary
+            else:
+                acc += (g.t() @ x).to(acc.device)
+        else:
+            # Output-side units: (g_unit)ᵀ (x S); input-side (o) units: (x_unit)ᵀ (g S). Both are [units, d, k].
+            other = (g if p.input_side else x) @ self.sketch.matrix((g if p.input_side else x).shape[1], x.device)
+            split = x if p.input_side else g
+            for role in p.roles:
+                acc = self.unit[(p.path, role)]
+                block = split.index_select(1, self._index[(p.path, role)]).t()
+                if acc.device == x.device:
+                    acc.view(-1, acc.shape[-1]).addmm_(block, other)
+                else:
+                    acc += (block @ other).view(acc.shape).to(acc.device)
+        if p.path in self.bias:
+            self.bias[p.path] += g.sum(0).to(self.bias[p.path].device)
+        return check
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        """Every accumulator tensor, in a fixed order (for all-reduce across processes)."""
+        for store in (self.weight, self.unit, self.bias):
+            for key in sorted(store):
+                yield store[key]
+
+    def blocks(self, p: HookedProjection, role: Role) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``([units, n] weight block, [units, head_dim] bias block or None)`` of ``role`` in projection ``p``."""
+        units, d = self.geometry.units(role), self.geometry.counts.head_dim
+        if self.sketch is not None:
+            weight = self.unit[(p.path, role)].reshape(units, -1)
+        else:
+            full, index = self.weight[p.path], self._index[(p.path, role)].to(self.weight[p.path].device)
+            if p.input_side:  # columns of the output projection: [out, units*d] -> [units, d, out]
+                weight = full.index_select(1, index).t().reshape(units, -1)
+            else:
+                weight = full.index_select(0, index).reshape(units, -1)
+        bias = None
+        if p.path in self.bias:
+            bias = self.bias[p.path].index_select(0, self._index[(p.path, role)].to(self.bias[p.path].device))
+            bias = bias.view(units, d)
+        return weight, bias
+
+
+def unit_stats(safety: GradAccumulator, utility: GradAccumulator) -> dict[Role, torch.Tensor]:
+    """Per role, ``[layers, units, 3]`` float64 of ``(⟨G_s,G_s⟩, ⟨G_u,G_u⟩, ⟨G_s,G_u⟩)`` over each unit's block.
+
+    The accumulators hold sums over tokens (not yet divided by the token counts).
+    """
+    geometry = safety.geometry
+    counts = geometry.counts
+    stats = {
+        role: torch.zeros(counts.num_layers, geometry.units(role), 3, dtype=torch.float64)
+        for role in ("q", "k", "v", "o")
+    }
+    for p in safety.projections:
+        for role in p.roles:
+            (ws, bs), (wu, bu) = safety.blocks(p, role), utility.blocks(p, role)
+            parts = [(ws, wu)] + ([(bs, bu)] if bs is not None else [])
+            for s, u in parts:
+                s, u = s.double(), u.double().to(s.device)
+                block = torch.stack([(s * s).sum(1), (u * u).sum(1), (s * u).sum(1)], dim=1)
+                stats[role][p.layer] += block.cpu()
+    return stats
+
+
+class TaylorAccumulator:
+    """``Σ_tokens ⟨a_h, ∂L/∂a_h⟩`` per layer and head, ``a_h`` = head h's slice of the o-projection input (float64).
+
+    That sum is the gradient of a gate multiplying head h's output, at gate = 1; ``-`` it is the first-order estimate
+    of the loss change when the head is removed.
+    """
+
+    def __init__(self, geometry: AttentionGeometry, o_name: str):
+        self._shape = (geometry.counts.num_layers, geometry.counts.num_heads)
+        self._index = geometry.role_index(o_name, "o")
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> (index, sums)
+
+    @torch.no_grad()
+    def add(self, layer: int, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        per_feature = (a.reshape(-1, a.shape[-1]).float() * g.reshape(-1, g.shape[-1]).float()).sum(0)
+        device = per_feature.device
+        if device not in self._on:  # kept on the device: no sync per layer
+            self._on[device] = (self._index.to(device), torch.zeros(self._shape, dtype=torch.float64, device=device))
+        index, sums = self._on[device]
+        per_head = per_feature[index].sum(1)
+        sums[layer] += per_head.double()
+        return per_head.sum()
+
+    @property
+    def values(self) -> torch.Tensor:
+        """``[layers, heads]`` float64 sums on the CPU."""
+        total = torch.zeros(self._shape, dtype=torch.float64)
+        for _, sums in self._on.values():
+            total += sums.cpu()
+        return total
+
+
+class HookSession:
+    """Hooks for one pass over a set of batches; a context manager that leaves the model as it found it.
+
+    On entry: every parameter gets ``requires_grad=False`` (nothing but the hooks needs weight gradients, and the
+    user's ``.grad`` stays untouched), the model goes to eval mode (no dropout: the map is deterministic; no
+    gradient-checkpoint recomputation, which would fire the hooks twice) and the input embeddings' output is made
+    to require grad, so the backward pass reaches every layer. On exit (also on error) all of that is undone.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        projections: list[HookedProjection],
+        accumulator: GradAccumulator | None,
+        taylor: TaylorAccumulator | None,
+    ):
+        self.model, self.projections = model, projections
+        self.accumulator, self.taylor = accumulator, taylor
+        self.check: list[torch.Tensor] = []
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> HookSession:
+        self._flags = [(param, param.requires_grad) for param in self.model.parameters()]
+        self._training = self.model.training
+        try:
+            for param, _ in self._flags:
+                param.requires_grad_(False)
+            self.model.eval()
+            embeddings = self.model.get_input_embeddings()
+            self._handles.append(embeddings.register_forward_hook(_require_grad))
+            for p in self.projections:
+                if p.input_side and self.taylor is not None:
+                    self._handles.append(p.module.register_forward_pre_hook(self._alias_hook(p)))
+                if self.accumulator is not None:
+                    self._handles.append(p.module.register_forward_hook(self._capture_hook(p)))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for param, flag in self._flags:
+            param.requires_grad_(flag)
+        self.model.train(self._training)
+
+    def _capture_hook(self, p: HookedProjection):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
+                return
+            x = args[0].detach()
+            output.register_hook(lambda g: self.check.append(self.accumulator.add(p, x, g)))
+
+        return hook
+
+    def _alias_hook(self, p: HookedProjection):
+        def hook(module: nn.Module, args: tuple) -> tuple | None:
+            a = args[0]
+            if not (torch.is_grad_enabled() and a.requires_grad):
+                return None
+            # A fresh view gets its own autograd node, so its gradient is exactly the output projection's share
+            # (the gradient of a head gate placed right before it), whatever else reads the attention output.
+            alias = a.view_as(a)
+            kept = alias.detach()
+            alias.register_hook(lambda g: self.check.append(self.taylor.add(p.layer, kept, g)))
+            return (alias, *args[1:])
+
+        return hook
+
+    def gradients_finite(self) -> bool:
+        """Whether everything added since the last call was finite (one device sync per batch)."""
+        if not self.check:
+            return True
+        ok = bool(torch.isfinite(torch.stack([c.to(self.check[0].device) for c in self.check]).sum()))
+        self.check.clear()
+        return ok
+
+
+def _require_grad(module: nn.Module, args: tuple, output: Any) -> Any:
+    if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and not output.requires_grad:
+        return output.requires_grad_(True)
+    return None

@@ -1,0 +1,478 @@
+"""`diagnose()`: the head-level conflict map of a model between a safety and a utility objective.
+
+For every attention head h (definitions in ``conflict_map.py`` and the README):
+
+* ``G_s(h)``, ``G_u(h)``: gradients of the safety / utility calibration loss over θ_h (head h's q rows and bias,
+  the k/v rows of its KV head, its o-projection input columns), summed in fp32 from module hooks (``gᵀ·x``), so base
+  weights need no ``requires_grad`` and a bitsandbytes 4-bit base works;
+* ``OC(h) = 1 − cos(G_s(h), G_u(h))``;
+* ``FS(h)``: ``"taylor"``: ``|Σ_tokens ⟨a_h, ∂L_u/∂a_h⟩|`` at the o-projection input, taken in the same backward pass
+  as the utility gradient; ``"ablation"``: ``|L_u(head h zeroed) − L_u|``, exact, batched over heads.
+
+**Loss normalisation.** Each objective's loss is the token-weighted mean over the whole calibration set,
+``L = (1/N) Σ_{response tokens t of the set} CE_t`` — not the mean of per-batch means — so the map does not depend on
+the batch size, the padding or how the data is split over processes. Each backward pass differentiates the batch's
+*sum* of token losses and the accumulated sums are divided by the set's ``N`` at the end; since gradients are linear
+this is exactly ``∇L``.
+
+**Memory.** ``accumulation="exact"`` keeps one fp32 copy of the attention weights' gradient per objective (2x the
+attention weights in all; ``offload=True`` keeps it in CPU memory). ``"sketch"`` keeps, per unit, its ``[head_dim,
+hidden]`` gradient block times a fixed seeded Gaussian ``[hidden, sketch_dim]`` matrix (exact on the head side,
+Johnson-Lindenstrauss on the hidden side, unbiased inner products; biases and FS stay exact), i.e. ``sketch_dim /
+hidden`` of the exact memory. Measured on SmolLM2-135M-Instruct (30 layers x 9 heads, hidden 576, 16 pairs per
+objective; ``benchmarks/results/diagnosis_cost.md``), the OC error in cosine units with the default
+``sketch_dim=512`` is 0.016 on average (max 0.11; Spearman 0.983 with the exact OC) for the default q/o OC, and 0.005
+(max 0.025; Spearman 0.998) for k/v or q/k/v/o OC; with 256: 0.024 / 0.0066. ``"auto"``
+(default) takes the exact path when it fits in half the free memory of the accumulators' device (or in
+``memory_budget`` bytes), else the sketch. For small models the activations dominate the peak anyway (SmolLM2: the
+map's peak equals that of plain attention-only gradient accumulation).
+
+**Processes.** Under ``torch.distributed`` (e.g. ``accelerate launch``) each process takes every ``world_size``-th
+batch (unless the data is a DataLoader already sharded by a ``DistributedSampler`` or accelerate); the sums are
+all-reduced before scoring, so every process returns the same map as one process would (equal up to fp32 summation
+order). An error on one process (NaN loss, ...) is raised on all of them at the final all-reduce.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from importlib import metadata as importlib_metadata
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._ablation import IGNORE_INDEX, ablated_losses, ablation_units, row_losses
+from ._calibration import DEFAULT_CALIBRATION_SIZE, check_batch, digest, prepare_batches
+from ._head_grads import (
+    GradAccumulator,
+    HookSession,
+    TaylorAccumulator,
+    exact_bytes,
+    hooked_projections,
+    sketch_bytes,
+    unit_stats,
+)
+from .conflict_map import (
+    COMBINES,
+    DEFAULT_COMBINE,
+    DEFAULT_KV_SCORING,
+    DEFAULT_NORMALIZATION,
+    KV_SCORINGS,
+    NORMALIZATIONS,
+    ConflictMap,
+)
+from .geometry import AttentionGeometry
+
+
+logger = logging.getLogger(__name__)
+
+SENSITIVITIES = ("taylor", "ablation")
+ACCUMULATIONS = ("auto", "exact", "sketch")
+OBJECTIVES = ("safety", "utility")
+
+
+class DiagnosisError(RuntimeError):
+    """The diagnosis could not produce a valid map (non-finite loss or gradient, missing data)."""
+
+
+def diagnose(
+    model: nn.Module,
+    tokenizer: Any = None,
+    safety_data: Any = None,
+    utility_data: Any = None,
+    *,
+    batch_size: int = 8,
+    max_length: int = 256,
+    sensitivity: str = "taylor",
+    kv_scoring: str = DEFAULT_KV_SCORING,
+    combine: str = DEFAULT_COMBINE,
+    normalization: str = DEFAULT_NORMALIZATION,
+    accumulation: str = "auto",
+    offload: bool = False,
+    sketch_dim: int = 512,
+    memory_budget: int | None = None,
+    ablation_chunk: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+    shard: bool | None = None,
+) -> ConflictMap:
+    """Diagnose every attention head of ``model``; returns a :class:`ConflictMap`.
+
+    Args:
+        model: a transformers causal LM of a supported architecture (fp32/bf16/fp16, or a bitsandbytes 4-bit base);
+            a peft-wrapped model is diagnosed on its base weights. It is left as found (training mode,
+            ``requires_grad`` flags), also on error.
+        tokenizer: needed when the data are examples rather than tokenized batches.
+        safety_data, utility_data: a list of ``{"prompt", "response"}`` dicts (loss on the response tokens) or of
+            plain strings (loss on every token), a ``datasets.Dataset`` of those, a list of tokenized batches
+            (``input_ids``, ``attention_mask``, ``labels`` with -100 on unscored tokens), or a DataLoader of batches.
+        batch_size, max_length: tokenization of examples (``cast_peft.data.make_batches``).
+        sensitivity: ``"taylor"`` (free: same backward pass) or ``"ablation"`` (exact; ``layers x heads`` extra
+            forward passes per utility batch, ``ablation_chunk`` heads per pass).
+        kv_scoring: ``"separate"`` (default: q/o scored per query head, k/v per KV head, see
+            ``ConflictMap.select_kv``) or ``"shared"`` (θ_h includes the k/v rows of head h's KV head, which under
+            GQA dominate θ_h and give the map KV-group blocks).
+        combine, normalization: how OC and FS make the score (default: product after min-max normalisation, the
+            most stable skip set in ``benchmarks/map_stability.py``; ``ConflictMap.rescore`` changes them later).
+        accumulation, offload, sketch_dim, memory_budget: memory of the gradient accumulators (module docstring).
+        seed: seed of the sketch matrix (the only randomness; the model runs in eval mode).
+        progress: tqdm progress bars (only on the first process).
+        shard: split the batches over ``torch.distributed`` processes; ``None``: when distributed, unless the
+            data is a DataLoader that is already sharded.
+    """
+    run = Diagnosis(
+        model,
+        sensitivity=sensitivity,
+        kv_scoring=kv_scoring,
+        combine=combine,
+        normalization=normalization,
+        accumulation=accumulation,
+        offload=offload,
+        sketch_dim=sketch_dim,
+        memory_budget=memory_budget,
+        ablation_chunk=ablation_chunk,
+        seed=seed,
+        progress=progress,
+    )
+    for objective, data in (("safety", safety_data), ("utility", utility_data)):
+        run.add(objective, prepare_batches(data, tokenizer, batch_size, max_length, objective), shard=shard)
+    return run.conflict_map()
+
+
+class Diagnosis:
+    """An incremental diagnosis: add batches per objective, take the map (what :func:`diagnose` runs).
+
+    Hooks are installed only while :meth:`add` runs. Without ``torch.distributed`` :meth:`conflict_map` can be
+    called after any number of :meth:`add` calls (the stability benchmark grows the calibration set this way);
+    with several processes it all-reduces the sums in place and ends the run. Arguments as in :func:`diagnose`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        sensitivity: str = "taylor",
+        kv_scoring: str = DEFAULT_KV_SCORING,
+        combine: str = DEFAULT_COMBINE,
+        normalization: str = DEFAULT_NORMALIZATION,
+        accumulation: str = "auto",
+        offload: bool = False,
+        sketch_dim: int = 512,
+        memory_budget: int | None = None,
+        ablation_chunk: int = 8,
+        seed: int = 0,
+        progress: bool = True,
+    ):
+        for name, value, allowed in (
+            ("sensitivity", sensitivity, SENSITIVITIES),
+            ("kv_scoring", kv_scoring, KV_SCORINGS),
+            ("combine", combine, COMBINES),
+            ("normalization", normalization, NORMALIZATIONS),
+            ("accumulation", accumulation, ACCUMULATIONS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not one of {allowed}.")
+        if sketch_dim < 1 or ablation_chunk < 1:
+            raise ValueError("sketch_dim and ablation_chunk must be >= 1.")
+        self.model, self.seed, self.progress = model, seed, progress
+        self.geometry = AttentionGeometry.from_model(model)
+        self.projections = hooked_projections(model, self.geometry)
+        self.options = {
+            "sensitivity": sensitivity,
+            "kv_scoring": kv_scoring,
+            "combine": combine,
+            "normalization": normalization,
+            "accumulation": accumulation,
+            "offload": offload,
+            "sketch_dim": sketch_dim,
+            "ablation_chunk": ablation_chunk,
+        }
+        self.mode = self._choose_mode(accumulation, offload, sketch_dim, memory_budget)
+        self.options["accumulation_used"] = self.mode
+        sketch = sketch_dim if self.mode == "sketch" else None
+        self.grads = {
+            obj: GradAccumulator(self.projections, self.geometry, sketch_dim=sketch, seed=seed, offload=offload)
+            for obj in OBJECTIVES
+        }
+        self._o = [p for p in self.projections if p.input_side]
+        self.taylor = TaylorAccumulator(self.geometry, self._o[0].name)
+        counts = self.geometry.counts
+        self._units = ablation_units(
+            counts.num_layers,
+            counts.num_heads,
+            counts.group_size,
+            kv_groups=kv_scoring == "separate" and counts.group_size > 1,
+        )
+        self.ablated = torch.zeros(len(self._units), dtype=torch.float64)
+        self.sizes = {obj: {"examples": 0, "batches": 0, "tokens": 0, "response_tokens": 0} for obj in OBJECTIVES}
+        self.loss_sums = dict.fromkeys(OBJECTIVES, 0.0)
+        self.digests: dict[str, list[tuple[int, str]]] = {obj: [] for obj in OBJECTIVES}
+        self.errors: list[str] = []
+        self._finished = False
+
+    # ------------------------------------------------------------------------------------------------ memory
+    def _choose_mode(self, accumulation: str, offload: bool, sketch_dim: int, budget: int | None) -> str:
+        need = 2 * exact_bytes(self.projections)
+        if accumulation != "auto":
+            return accumulation
+        if budget is None:
+            device = torch.device("cpu") if offload else self.projections[0].device
+            budget = _free_bytes(device) // 2
+        mode = "exact" if need <= budget else "sketch"
+        sketch_need = 2 * sketch_bytes(self.projections, self.geometry, sketch_dim)
+        logger.info(
+            "diagnosis accumulators: %s (exact needs %.1f MiB, sketch %.1f MiB, budget %.1f MiB)",
+            mode,
+            need / 2**20,
+            sketch_need / 2**20,
+            budget / 2**20,
+        )
+        return mode
+
+    # ------------------------------------------------------------------------------------------------ passes
+    def add(self, objective: str, batches: Iterable[Mapping[str, torch.Tensor]], *, shard: bool | None = None) -> None:
+        """Run the forward/backward passes of ``batches`` for ``objective`` (``"safety"`` or ``"utility"``)."""
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective={objective!r}; use 'safety' or 'utility'.")
+        if self._finished:
+            raise RuntimeError("This multi-process diagnosis was already reduced by conflict_map(); start a new one.")
+        if self.errors:
+            return  # a process that failed keeps quiet until the collective step raises everywhere
+        rank, world = _dist_rank_world()
+        if shard is None:
+            shard = world > 1 and not _already_sharded(batches)
+        utility = objective == "utility"
+        accumulate_ablation = utility and self.options["sensitivity"] == "ablation"
+        session = HookSession(self.model, self.projections, self.grads[objective], self.taylor if utility else None)
+        device = _input_device(self.model)
+        vocab = self.model.get_input_embeddings().num_embeddings
+        from tqdm.auto import tqdm
+
+        total = len(batches) if hasattr(batches, "__len__") else None
+        bar = tqdm(batches, total=total, desc=f"diagnose {objective}", disable=not self.progress or rank != 0)
+        seen = 0
+        with session:
+            for index, raw in enumerate(bar):
+                seen += 1
+                if shard and index % world != rank:
+                    continue
+                try:
+                    self._pass(objective, index, raw, session, device, vocab, accumulate_ablation)
+                except (DiagnosisError, ValueError) as err:
+                    if world == 1:
+                        raise
+                    self.errors.append(f"process {rank}: {err}")
+                    return
+        if seen == 0:
+            raise ValueError(f"The {objective} data yielded no batches; give at least one example.")
+
+    def _pass(
+        self,
+        objective: str,
+        index: int,
+        raw: Mapping[str, torch.Tensor],
+        session: HookSession,
+        device: torch.device,
+        vocab: int,
+        accumulate_ablation: bool,
+    ) -> None:
+        batch = check_batch(raw, objective, index, vocab)
+        self.digests[objective].append((index, digest(batch)))
+        batch = {key: value.to(device) for key, value in batch.items()}
+        losses = row_losses(self.model, batch)
+        loss = losses.sum()
+        if not torch.isfinite(loss):
+            raise DiagnosisError(
+                f"The {objective} loss of batch {index} is {float(loss.detach())} (NaN/inf). Check that "
+                "batch's data and the model's dtype (fp16 overflows; use bf16 or fp32)."
+            )
+        loss.backward()
+        if not session.gradients_finite():
+            raise DiagnosisError(
+                f"A gradient of the {objective} loss in batch {index} is NaN/inf (the loss was "
+                f"finite: {float(loss.detach()):.4g}). Use bf16/fp32 compute, or drop that batch."
+            )
+        size = self.sizes[objective]
+        size["batches"] += 1
+        size["examples"] += batch["input_ids"].shape[0]
+        size["tokens"] += int(batch["attention_mask"].sum())
+        size["response_tokens"] += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        self.loss_sums[objective] += float(losses.detach().double().sum())
+        if accumulate_ablation:
+            o_modules = {p.layer: p.module for p in self._o}
+            o_index = self.geometry.role_index(self._o[0].name, "o")
+            # Runs under no_grad, so the gradient hooks stay idle.
+            self.ablated += ablated_losses(
+                self.model,
+                o_modules,
+                self._o[0].in_features,
+                o_index,
+                batch,
+                self._units,
+                self.options["ablation_chunk"],
+            )
+
+    # ------------------------------------------------------------------------------------------------ result
+    def conflict_map(self) -> ConflictMap:
+        """The map from everything added so far (all-reduced over processes when distributed)."""
+        _, world = _dist_rank_world()
+        if world > 1:
+            self._reduce()
+        if self.errors:
+            raise DiagnosisError("; ".join(self.errors))
+        for objective in OBJECTIVES:
+            if self.sizes[objective]["response_tokens"] == 0:
+                raise ValueError(
+                    f"No {objective} response tokens were scored; add {objective} data whose labels are "
+                    "not all -100 (the response part of each example)."
+                )
+        fewest = min(self.sizes[objective]["examples"] for objective in OBJECTIVES)
+        if fewest < DEFAULT_CALIBRATION_SIZE:
+            logger.warning(
+                "The map comes from %d calibration examples per objective (fewer than %d): expect a noisy "
+                "map and an unstable skip set (see benchmarks/results/map_stability.md).",
+                fewest,
+                DEFAULT_CALIBRATION_SIZE,
+            )
+        n_s = self.sizes["safety"]["response_tokens"]
+        n_u = self.sizes["utility"]["response_tokens"]
+        stats = unit_stats(self.grads["safety"], self.grads["utility"])
+        scale = torch.tensor([1 / n_s**2, 1 / n_u**2, 1 / (n_s * n_u)], dtype=torch.float64)
+        stats = {role: value * scale for role, value in stats.items()}
+        taylor = -self.taylor.values / n_u  # first-order estimate of L_u(head ablated) - L_u
+        extras = {"taylor_signed": taylor}
+        fs_kv = None
+        if self.options["sensitivity"] == "ablation":
+            base = self.loss_sums["utility"]
+            deltas = (self.ablated - base) / n_u
+            counts = self.geometry.counts
+            n_heads = counts.num_layers * counts.num_heads
+            fs = deltas[:n_heads].view(counts.num_layers, counts.num_heads)
+            if len(self._units) > n_heads:
+                fs_kv = deltas[n_heads:].view(counts.num_layers, counts.num_kv_heads)
+        else:
+            fs = taylor
+        return ConflictMap(
+            self.geometry.counts,
+            stats,
+            fs,
+            fs_kv_signed=fs_kv,
+            kv_scoring=self.options["kv_scoring"],
+            combine=self.options["combine"],
+            normalization=self.options["normalization"],
+            metadata=self._metadata(),
+            extras=extras,
+        )
+
+    def _reduce(self) -> None:
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(
+            gathered, {"errors": self.errors, "sizes": self.sizes, "losses": self.loss_sums, "digests": self.digests}
+        )
+        self.errors = [e for part in gathered for e in part["errors"]]
+        self._finished = True
+        if self.errors:
+            return
+        for objective in OBJECTIVES:
+            self.sizes[objective] = {k: sum(p["sizes"][objective][k] for p in gathered) for k in self.sizes[objective]}
+            self.loss_sums[objective] = math.fsum(p["losses"][objective] for p in gathered)
+            self.digests[objective] = sorted(d for p in gathered for d in p["digests"][objective])
+        tensors = [t for acc in self.grads.values() for t in acc.tensors()]
+        for tensor in tensors:
+            _all_reduce_(tensor)
+        values = self.taylor.values
+        _all_reduce_(values)
+        self.taylor = _Fixed(values)
+        _all_reduce_(self.ablated)
+
+    def _metadata(self) -> dict[str, Any]:
+        from .models import model_identity
+
+        data = {}
+        for objective in OBJECTIVES:
+            digest = hashlib.sha256()
+            for index, item in sorted(self.digests[objective]):
+                digest.update(f"{index}:{item};".encode())
+            size = self.sizes[objective]
+            data[objective] = {
+                **size,
+                "sha256": digest.hexdigest(),
+                "mean_loss": self.loss_sums[objective] / max(size["response_tokens"], 1),
+            }
+        versions = {}
+        for dist_name in ("torch", "transformers", "peft", "cast-peft", "bitsandbytes", "accelerate"):
+            try:
+                versions[dist_name] = importlib_metadata.version(dist_name)
+            except importlib_metadata.PackageNotFoundError:
+                versions[dist_name] = None
+        return {
+            "model": model_identity(self.model),
+            "counts": self.geometry.counts.to_dict(),
+            "data": data,
+            "options": dict(self.options),
+            "seed": self.seed,
+            "versions": versions,
+            "loss": "token-weighted mean over the calibration set's response tokens",
+            "world_size": _dist_rank_world()[1],
+        }
+
+
+class _Fixed:
+    """Stand-in for a TaylorAccumulator after the all-reduce: just the summed values."""
+
+    def __init__(self, values: torch.Tensor):
+        self.values = values
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    weight = getattr(model.get_input_embeddings(), "weight", None)
+    return weight.device if weight is not None else next(model.parameters()).device
+
+
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        import psutil
+
+        return psutil.virtual_memory().available
+    except ImportError:  # psutil comes with accelerate; without it, assume the exact path fits
+        return 1 << 62
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _already_sharded(batches: Any) -> bool:
+    """A DataLoader with a DistributedSampler, or one prepared by accelerate (it shards itself)."""
+    if not isinstance(batches, torch.utils.data.DataLoader):
+        return False
+    sampler = getattr(batches, "sampler", None)
+    batch_sampler = getattr(batches, "batch_sampler", None)
+    if isinstance(sampler, torch.utils.data.DistributedSampler):
+        return True
+    names = {type(batches).__name__, type(batch_sampler).__name__}
+    return bool(names & {"DataLoaderShard", "DataLoaderDispatcher", "BatchSamplerShard"})
+
+
+def _all_reduce_(tensor: torch.Tensor) -> None:
+    """Sum ``tensor`` over processes in place; CPU tensors travel through the GPU when the backend is NCCL."""
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl" and tensor.device.type == "cpu":
+        staged = tensor.cuda()
+        dist.all_reduce(staged)
+        tensor.copy_(staged.cpu())
+    else:
+        dist.all_reduce(tensor)

@@ -1,0 +1,101 @@
+"""The `cast-peft` CLI end to end on a tiny random model and the starter data (the real demo runs `make demo`)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from models import build_tiny_model, build_tiny_tokenizer
+
+from cast_peft.cli import main
+from cast_peft.models import load_model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-model")
+    build_tiny_model("llama").save_pretrained(path)
+    build_tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_demo_quick_writes_a_complete_report(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--model", str(tiny_dir), "--output", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "| LORA |" in report and "| CAST |" in report and "## Verdict" in report
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["summary"]) == {"base", "lora", "cast"}
+    assert results["settings"]["n_skipped"] == round(0.1 * 2 * 4)
+    for name in ("conflict_map.png", "tradeoff.png", "map/conflict_map.json", "cast/adapter/cast_config.json"):
+        assert (out / name).is_file(), name
+    assert str(out / "report.md") in capsys.readouterr().out
+    # An existing output folder is refused (and left as it was) unless --overwrite.
+    with pytest.raises(SystemExit, match="--overwrite"):
+        main(["demo", "--quick", "--model", str(tiny_dir), "--output", str(out)])
+    assert (out / "report.md").read_text() == report
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".demo.")], "no temporary folder may be left"
+
+
+def test_diagnose_train_evaluate_merge(tiny_dir, tmp_path):
+    common = ["--model", str(tiny_dir), "--max-length", "64"]
+    assert main(["diagnose", *common, "--n-calibration", "8", "--output", str(tmp_path / "diag")]) == 0
+    skip = {int(k): v for k, v in json.loads((tmp_path / "diag" / "skip_heads.json").read_text()).items()}
+    assert sum(map(len, skip.values())) == 1  # 10% of 8 heads
+
+    assert main(["train", *common, "--conflict-map", str(tmp_path / "diag" / "map"), "--steps", "3",
+                 "--output", str(tmp_path / "train")]) == 0  # fmt: skip
+    adapter = tmp_path / "train" / "adapter"
+    cast_config = json.loads((adapter / "cast_config.json").read_text())
+    assert {int(k): v for k, v in cast_config["skip_heads"].items()} == skip
+
+    assert main(["evaluate", *common, "--adapter", str(adapter), "--limit", "3", "--max-new-tokens", "4",
+                 "--output", str(tmp_path / "eval")]) == 0  # fmt: skip
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert set(summary) == {"harmful_refusal", "safe_over_refusal", "helpful_nll", "kl_drift"}
+
+    assert main(["merge", "--model", str(tiny_dir), "--adapter", str(adapter), "--output", str(tmp_path / "m")]) == 0
+    base, _ = load_model(str(tiny_dir))
+    merged, _ = load_model(str(tmp_path / "m"))
+    (layer, heads), = skip.items()  # fmt: skip
+    d = 8  # head_dim of the tiny llama
+    for head in heads:
+        rows = slice(head * d, (head + 1) * d)
+        q_base = base.model.layers[layer].self_attn.q_proj.weight
+        q_merged = merged.model.layers[layer].self_attn.q_proj.weight
+        assert torch.equal(q_merged[rows], q_base[rows])
+        o_base = base.model.layers[layer].self_attn.o_proj.weight
+        assert torch.equal(merged.model.layers[layer].self_attn.o_proj.weight[:, rows], o_base[:, rows])
+    assert not torch.equal(merged.model.layers[layer].self_attn.q_proj.weight, q_base)
+
+
+def test_adapter_from_another_model_is_refused(tiny_dir, tmp_path):
+    other = tmp_path / "other"
+    build_tiny_model("qwen3").save_pretrained(other)
+    build_tiny_tokenizer().save_pretrained(other)
+    assert main(["train", "--model", str(other), "--steps", "1", "--max-length", "32",
+                 "--output", str(tmp_path / "t")]) == 0  # fmt: skip
+    from cast_peft.config import CASTLoraConfig
+
+    # A plain-LoRA adapter carries no head geometry; write a CAST one for the qwen3 model and apply it to llama.
+    config = CASTLoraConfig(r=2, skip_heads={0: [1]}, attention_geometry=_counts(other))
+    config.save_pretrained(tmp_path / "t" / "adapter")
+    with pytest.raises(SystemExit, match="trained on .*qwen3.*Pass its base"):
+        main(["evaluate", "--model", str(tiny_dir), "--adapter", str(tmp_path / "t" / "adapter"),
+              "--output", str(tmp_path / "e")])  # fmt: skip
+
+
+def _counts(path):
+    from cast_peft.geometry import AttentionGeometry
+
+    return AttentionGeometry.from_model(load_model(str(path))[0]).counts.to_dict()
+
+
+def test_unknown_hub_id_offline_says_what_to_do(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = main(["diagnose", "--model", "nobody/no-such-model", "--output", str(tmp_path / "d")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "unreachable" in err and "smollm2-135m-instruct" in err
+    assert not (tmp_path / "d").exists()
