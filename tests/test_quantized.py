@@ -98,3 +98,23 @@ def test_nf4_merge_is_close_and_restores_bnb_layers(checkpoint):
         after = merged(input_ids=batch["input_ids"]).logits.softmax(-1)
     assert isinstance(merged.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
     torch.testing.assert_close(after, before, atol=0.01, rtol=10)
+
+
+def test_cpu_repacked_4bit_layers_are_refused_and_prevented(checkpoint):
+    from cast_peft.diagnosis import diagnose
+    from cast_peft.models import keep_cpu_4bit_layout
+
+    model = _load(checkpoint, "nf4")
+    if not model.model.layers[0].self_attn.q_proj.support_avx512bf16_for_cpu:
+        pytest.skip("this CPU has no AVX512-BF16, so bitsandbytes never repacks 4-bit weights here")
+    batch = tiny_batch()
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"])  # an evaluation pass repacks the weights
+    with pytest.raises(RuntimeError, match="repacked for CPU inference"):
+        diagnose(model, None, [batch], [batch], progress=False)
+
+    fresh = _load(checkpoint, "nf4")
+    keep_cpu_4bit_layout(fresh)
+    with torch.no_grad():
+        fresh(input_ids=batch["input_ids"])
+    diagnose(fresh, None, [batch], [batch], progress=False)  # gradients still flow

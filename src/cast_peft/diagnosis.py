@@ -66,6 +66,7 @@ from .conflict_map import (
     ConflictMap,
 )
 from .geometry import AttentionGeometry
+from .models import check_cpu_4bit_layout
 
 
 logger = logging.getLogger(__name__)
@@ -180,6 +181,7 @@ class Diagnosis:
             raise ValueError("sketch_dim and ablation_chunk must be >= 1.")
         self.model, self.seed, self.progress = model, seed, progress
         self.geometry = AttentionGeometry.from_model(model)
+        check_cpu_4bit_layout(model)
         self.projections = hooked_projections(model, self.geometry)
         self.options = {
             "sensitivity": sensitivity,

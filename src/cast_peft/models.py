@@ -289,7 +289,31 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     if is_default:  # a portable name in adapter configs and conflict-map metadata, not this machine's cache path
         model.name_or_path = model.config.name_or_path = DEFAULT_MODEL
+    if load_in_4bit:
+        keep_cpu_4bit_layout(model)
     return model, tokenizer
+
+
+# bitsandbytes 0.50 (checked against 0.50.2), on CPUs with AVX512-BF16, repacks a Linear4bit's weight for good the
+# first time it runs in eval mode without gradients; afterwards no gradient reaches the layer's input, so diagnosis
+# and training silently go wrong. These two functions prevent that and detect it.
+def keep_cpu_4bit_layout(model: Any) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference (``load_model`` calls this)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def check_cpu_4bit_layout(model: Any) -> None:
+    """Raise if a 4-bit layer was repacked for CPU inference, which breaks gradients through it."""
+    for name, module in model.named_modules():
+        if getattr(getattr(getattr(module, "weight", None), "quant_state", None), "packing_format_for_cpu", False):
+            raise RuntimeError(
+                f"{name} is a bitsandbytes 4-bit layer that was repacked for CPU inference (it ran in eval mode "
+                "without gradients), and gradients no longer flow through it. Reload the model with "
+                "`cast_peft.models.load_model(..., load_in_4bit=True)` (which prevents this), or call "
+                "`cast_peft.models.keep_cpu_4bit_layout(model)` right after loading it."
+            )
 
 
 def _bnb_4bit_config(device_map: Any) -> tuple[Any, Any]:

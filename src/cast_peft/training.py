@@ -15,6 +15,7 @@ from peft import PeftConfig, PeftModel, get_peft_model
 from torch.utils.data import Dataset
 
 from .data import IGNORE_INDEX, collate, tokenize_pair, tokenize_text
+from .models import check_cpu_4bit_layout
 
 
 class TokenizedDataset(Dataset):
@@ -80,6 +81,7 @@ def train_adapter(
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
         raise ValueError("The tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token first.")
     set_seed(seed)
+    check_cpu_4bit_layout(model)
     if isinstance(model, PeftModel):
         if peft_config is not None:
             raise ValueError("`model` is already a PeftModel; pass peft_config=None or the unwrapped base model.")
