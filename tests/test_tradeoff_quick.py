@@ -1,0 +1,73 @@
+"""`benchmarks/tradeoff.py --quick` end to end on a tiny random Llama (every method, both regimes), and resuming."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from models import build_tiny_model, build_tiny_tokenizer  # noqa: E402
+
+
+def _data_available() -> bool:
+    from cast_peft.data import data_dir
+
+    try:
+        return (data_dir() / "safety_tuned_llamas").is_dir()
+    except FileNotFoundError:
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _data_available(), reason="needs the benchmark data (../shared/data)")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    build_tiny_model("llama").save_pretrained(folder)
+    build_tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_quick_study_runs_resumes_and_reports(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import tradeoff
+
+    results = tmp_path / "results"
+    report = tradeoff.main(["--quick", "--model", str(tiny_model_dir), "--results", str(results)])
+    runs = sorted(p.relative_to(results / "runs").as_posix() for p in (results / "runs").rglob("*.json"))
+    methods = ["lora", "cast-10", "random-10", "oc-10", "fs-10", "pcgrad"]
+    assert runs == sorted(["base.json"] + [f"{g}/{m}__seed0.json" for g in ("mixed", "safety") for m in methods])
+
+    text = report.read_text()
+    assert "QUICK" in text and "Verdict" in text and "Spearman(OC, FS)" in text
+    assert "not run**: none" in text
+    assert (results / "pareto.png").stat().st_size > 0 and (results / "conflict_map.png").exists()
+
+    cast = json.loads((results / "runs" / "safety" / "cast-10__seed0.json").read_text())
+    assert cast["n_skipped"] == 1 and cast["command"].startswith("python benchmarks/tradeoff.py --quick")
+    for key in (
+        "harmful_refusal",
+        "xstest_over_refusal",
+        "helpful_nll",
+        "kl_drift",
+        "wikitext_ppl",
+        "mc_arc_easy_acc",
+    ):
+        assert key in cast["summary"]
+    pcgrad = json.loads((results / "runs" / "mixed" / "pcgrad__seed0.json").read_text())
+    assert pcgrad["n_skipped"] == 0 and pcgrad["pcgrad"]["steps_logged"] == 2
+
+    # Resuming: every run is present, so nothing is trained again and the files are untouched.
+    stamps = {p: p.stat().st_mtime_ns for p in (results / "runs").rglob("*.json")}
+    tradeoff.main(["--quick", "--model", str(tiny_model_dir), "--results", str(results)])
+    assert {p: p.stat().st_mtime_ns for p in (results / "runs").rglob("*.json")} == stamps
+
+    # Other measurement settings are refused for the same folder.
+    with pytest.raises(SystemExit, match="other settings"):
+        tradeoff.main(["--quick", "--model", str(tiny_model_dir), "--results", str(results), "--steps", "3"])
