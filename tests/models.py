@@ -72,6 +72,23 @@ def build_tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float3
     return model.eval()
 
 
+def save_bnb_sized_llama(path) -> None:
+    """Save a tiny random Llama wide enough for bitsandbytes' CPU 4-bit kernels (in_features >= their 64 block)."""
+    config = transformers.LlamaConfig(
+        hidden_size=128,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        bos_token_id=1,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+
+
 def tiny_batch(seed: int = 0, batch: int = 2, length: int = 10) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(2, VOCAB, (batch, length), generator=generator)

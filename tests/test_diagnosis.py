@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from _diag_worker import OPTIONS, inputs, labelled_batches
-from models import ARCHS, VOCAB, build_tiny_model
+from models import ARCHS, VOCAB, build_tiny_model, save_bnb_sized_llama
 
 from cast_peft.conflict_map import ConflictMap, spearman
 from cast_peft.diagnosis import Diagnosis, DiagnosisError, diagnose
@@ -204,20 +204,7 @@ def _autograd_free_loss(model, batches) -> float:
 # ------------------------------------------------------------------------------------------------ 4-bit, peft, sketch
 def test_4bit_base_matches_autograd_on_dequantized_weights(tmp_path):
     bnb = pytest.importorskip("bitsandbytes")
-    # bitsandbytes' CPU 4-bit kernels need in_features >= 64, so this model is wider than the others.
-    config = transformers.LlamaConfig(
-        hidden_size=128,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        bos_token_id=1,
-        eos_token_id=1,
-        pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    save_bnb_sized_llama(tmp_path)
     quant = transformers.BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
     )

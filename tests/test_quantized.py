@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from models import tiny_batch
+from models import save_bnb_sized_llama, tiny_batch
 from peft import PeftModel, get_peft_model
 
 from cast_peft import CASTLoraConfig, HeadMaskedLinear, verify_frozen_heads
@@ -22,21 +22,8 @@ SKIP = {0: [1], 1: [2, 3]}
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    # bitsandbytes' CPU 4-bit kernels need in_features >= their 64-element block, so this model is wider than the others.
-    config = transformers.LlamaConfig(
-        hidden_size=128,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=96,
-        bos_token_id=1,
-        eos_token_id=1,
-        pad_token_id=0,
-    )
-    torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny-llama")
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    save_bnb_sized_llama(path)
     return path
 
 
