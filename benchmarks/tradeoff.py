@@ -51,7 +51,7 @@ import _tradeoff_lib as lib  # noqa: E402
 
 import cast_peft  # noqa: E402
 from cast_peft._io import atomic_write_text  # noqa: E402
-from cast_peft.config import CASTLoraConfig  # noqa: E402
+from cast_peft.config import CASTLoraConfig, matching_lora_config  # noqa: E402
 from cast_peft.conflict_map import ConflictMap, spearman  # noqa: E402
 from cast_peft.diagnosis import diagnose  # noqa: E402
 from cast_peft.models import DEFAULT_MODEL, load_model  # noqa: E402
@@ -133,9 +133,7 @@ def adapter_config(method: str, ratio: float | None, seed: int, cmap: ConflictMa
     """The method's peft config: the same rank, alpha and target modules for all; CAST-style ones skip heads."""
     lora = dict(r=settings["rank"], lora_alpha=2 * settings["rank"])
     if method in ("lora", "pcgrad"):
-        targets = CASTLoraConfig(**lora)
-        targets.bind(model)  # resolves the default target modules: every attention projection
-        return peft.LoraConfig(target_modules=targets.target_modules, **lora)
+        return matching_lora_config(model, **lora)
     skip = cmap.select(skip_ratio=ratio, policy=lib.POLICY[method], seed=seed)
     return CASTLoraConfig(skip_heads=skip, attention_geometry=cmap.counts.to_dict(), **lora)
 

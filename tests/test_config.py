@@ -104,3 +104,13 @@ def test_corrupt_cast_config_is_a_clear_error(tmp_path):
     (tmp_path / "cast_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         CASTLoraConfig.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_matching_lora_config_targets_the_same_modules_as_cast(arch):
+    from cast_peft.config import matching_lora_config
+
+    lora = get_peft_model(build_tiny_model(arch), matching_lora_config(build_tiny_model(arch), r=4))
+    cast = get_peft_model(build_tiny_model(arch), CASTLoraConfig(r=4, skip_heads={0: [1]}))
+    assert sorted(lora.base_model.targeted_module_names) == sorted(cast.base_model.targeted_module_names)
+    assert lora.peft_config["default"].fan_in_fan_out == (arch == "gpt2")

@@ -84,9 +84,7 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from peft import LoraConfig
-
-    from .config import CASTLoraConfig
+    from .config import CASTLoraConfig, matching_lora_config
     from .conflict_map import ConflictMap
     from .training import train_adapter
 
@@ -101,9 +99,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         config = CASTLoraConfig.from_conflict_map(cmap, skip_ratio=args.skip_ratio, policy=args.policy, seed=args.seed,
                                                   **lora_kwargs)  # fmt: skip
     else:  # plain LoRA on the same targets: the baseline with the same budget
-        config = CASTLoraConfig(**lora_kwargs)
-        config.bind(model)
-        config = LoraConfig(target_modules=config.target_modules, fan_in_fan_out=config.fan_in_fan_out, **lora_kwargs)
+        config = matching_lora_config(model, **lora_kwargs)
     with run_folder(args.output, args.overwrite) as out:
         train_adapter(model, tokenizer, data, config, out, max_steps=args.steps, learning_rate=args.lr,
                       batch_size=args.batch_size, max_length=args.max_length, seed=args.seed)  # fmt: skip

@@ -300,6 +300,14 @@ class CASTLoraConfig(LoraConfig):
         return cls(**lora_dict, **cast_dict)
 
 
+def matching_lora_config(model: nn.Module, **lora_kwargs: Any) -> LoraConfig:
+    """Plain peft LoRA on the attention projections a `CASTLoraConfig` targets by default: the baseline with the same
+    budget (rank, targets) as a CAST adapter, for comparisons."""
+    geometry = AttentionGeometry.from_model(model)
+    conv1d = any(type(module).__name__ == "Conv1D" for module in _attention_modules(model, geometry))
+    return LoraConfig(target_modules=geometry.target_modules_regex(), fan_in_fan_out=conv1d, **lora_kwargs)
+
+
 def _attention_modules(model: nn.Module, geometry: AttentionGeometry) -> list[nn.Module]:
     modules = dict(model.named_modules())
     return [modules[path] for paths in geometry.projections(model).values() for path in paths.values()]

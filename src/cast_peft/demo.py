@@ -22,20 +22,18 @@ from typing import Any
 def run_demo(out: Path, *, model_name: str | None = None, quick: bool = False, steps: int | None = None,
              skip_ratio: float = 0.1, seed: int = 0, final_dir: Path | None = None) -> dict[str, Any]:  # fmt: skip
     """Run the demo into ``out`` and return the summary rows (also written to ``out/results.json``)."""
-    from peft import LoraConfig
-
     from .cli import evaluate_model, summary_row
-    from .config import CASTLoraConfig
+    from .config import CASTLoraConfig, matching_lora_config
     from .data import starter_set
     from .diagnosis import diagnose
     from .models import load_model
     from .training import train_adapter
 
     started = time.time()
-    steps = steps or (3 if quick else 40)
+    steps = steps or (3 if quick else 30)
     n_calibration = 8 if quick else 48
     n_eval = 4 if quick else None
-    max_new_tokens = 16 if quick else 40
+    max_new_tokens = 16 if quick else 24
     safety_train, utility_train = starter_set("safety", "train"), starter_set("utility", "train")
     harmful = [row["prompt"] for row in starter_set("safety", "test")][:n_eval]
     helpful = starter_set("utility", "test")[:n_eval]
@@ -58,10 +56,8 @@ def run_demo(out: Path, *, model_name: str | None = None, quick: bool = False, s
     eval_kwargs = dict(max_new_tokens=max_new_tokens, batch_size=8)
     log("Evaluating the base model")
     results = {"base": evaluate_model(model, tokenizer, harmful, safe, helpful, **eval_kwargs)}
-    targets = CASTLoraConfig(r=8)
-    targets.bind(model)
     configs = {
-        "lora": LoraConfig(r=8, lora_alpha=16, target_modules=targets.target_modules),
+        "lora": matching_lora_config(model, r=8, lora_alpha=16),
         "cast": CASTLoraConfig.from_conflict_map(cmap, skip_ratio=skip_ratio, r=8, lora_alpha=16),
     }
     for name, config in configs.items():
