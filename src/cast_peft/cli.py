@@ -182,7 +182,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
     with run_folder(args.output, args.overwrite) as out:
-        run_demo(out, model_name=args.model, quick=args.quick, steps=args.steps, skip_ratio=args.skip_ratio, seed=args.seed,
+        run_demo(out, model_name=args.model, quick=args.quick, safety_only=args.safety_only, steps=args.steps, skip_ratio=args.skip_ratio, seed=args.seed,
                  final_dir=Path(args.output))  # fmt: skip
     print(f"\nDemo report: {Path(args.output) / 'report.md'}")
 
@@ -257,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("demo", cmd_demo, "End to end on the embedded model: diagnose, train CAST and LoRA, evaluate, report.")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model to align (default: the embedded SmolLM2)")
     p.add_argument("--quick", action="store_true", help="a few steps and prompts (smoke test, minutes)")
-    p.add_argument("--steps", type=int, default=None, help="training steps per adapter")
+    p.add_argument("--steps", type=int, default=None, help="training steps per adapter (default 30; --quick: 3)")
+    p.add_argument("--safety-only", action="store_true", help="train on harmful -> refusal pairs only (harsh case)")
     p.add_argument("--skip-ratio", type=float, default=0.1)
     return parser
 

@@ -2,7 +2,8 @@
 
 1. diagnose the heads on safety (harmful prompt -> refusal) and utility (benign prompt -> answer) calibration pairs;
 2. train a plain-LoRA baseline and a CAST adapter (the top ``skip_ratio`` heads skipped) with the same budget
-   (rank, targets, steps, learning rate, data order) on safety-only SFT, the harsh case for utility;
+   (rank, targets, steps, learning rate, data order) on harmful -> refusal pairs mixed with benign instruction pairs
+   (standard practice; ``safety_only=True`` is the harsh case, in which both adapters soon refuse everything);
 3. evaluate base, LoRA and CAST on held-out prompts with the same greedy decoding and refusal classifier;
 4. write ``report.md`` (table and verdict), ``results.json``, the conflict-map heatmap and a safety-vs-utility plot.
 
@@ -20,7 +21,8 @@ from typing import Any
 
 
 def run_demo(out: Path, *, model_name: str | None = None, quick: bool = False, steps: int | None = None,
-             skip_ratio: float = 0.1, seed: int = 0, final_dir: Path | None = None) -> dict[str, Any]:  # fmt: skip
+             skip_ratio: float = 0.1, seed: int = 0, safety_only: bool = False,
+             final_dir: Path | None = None) -> dict[str, Any]:  # fmt: skip
     """Run the demo into ``out`` and return the summary rows (also written to ``out/results.json``)."""
     from .cli import evaluate_model, summary_row
     from .config import CASTLoraConfig, matching_lora_config
@@ -60,10 +62,12 @@ def run_demo(out: Path, *, model_name: str | None = None, quick: bool = False, s
         "lora": matching_lora_config(model, r=8, lora_alpha=16),
         "cast": CASTLoraConfig.from_conflict_map(cmap, skip_ratio=skip_ratio, r=8, lora_alpha=16),
     }
+    train = safety_train if safety_only else safety_train + utility_train
+    regime = "safety-only SFT" if safety_only else "safety SFT mixed with benign instruction pairs"
     for name, config in configs.items():
-        log(f"Training {name.upper()} for {steps} steps on {len(safety_train)} harmful -> refusal pairs")
+        log(f"Training {name.upper()} for {steps} steps on {len(train)} pairs ({regime})")
         fresh, _ = load_model(model_name)
-        peft_model = train_adapter(fresh, tokenizer, safety_train, config, out / name, max_steps=steps,
+        peft_model = train_adapter(fresh, tokenizer, train, config, out / name, max_steps=steps,
                                    learning_rate=1e-3, batch_size=8, max_length=128, seed=seed, logging_steps=10,
                                    disable_tqdm=True)  # fmt: skip
         log(f"Evaluating {name.upper()}")
@@ -76,6 +80,7 @@ def run_demo(out: Path, *, model_name: str | None = None, quick: bool = False, s
         "summary": rows,
         "skip_heads": skip,
         "settings": {
+            "regime": regime,
             "steps": steps,
             "skip_ratio": skip_ratio,
             "n_skipped": n_skipped,
@@ -128,7 +133,7 @@ def _report(rows: dict[str, dict[str, float]], payload: dict[str, Any], cmap: An
     lines = [
         "# CAST demo report",
         "",
-        f"Model: {payload['model']}. Safety-only SFT, {settings['steps']} steps, rank 8, lr 1e-3, "
+        f"Model: {payload['model']}. {settings['regime'].capitalize()}, {settings['steps']} steps, rank 8, lr 1e-3, "
         f"seed {settings['seed']}. CAST skips {settings['n_skipped']} of {cmap.counts.num_layers * cmap.counts.num_heads} "
         f"heads (skip ratio {settings['skip_ratio']}). Wall time {payload['wall_time_s']:.0f} s.",
         "",
@@ -146,10 +151,13 @@ def _report(rows: dict[str, dict[str, float]], payload: dict[str, Any], cmap: An
         f"{cost(lora):+.2f}, and the NLL of helpful reference answers moved {cast['helpful_nll'] - base['helpful_nll']:+.3f}"
         f" vs {lora['helpful_nll'] - base['helpful_nll']:+.3f}. "
     )
-    if same_safety and cheaper:
-        verdict += "In this run CAST matched LoRA's safety at a lower utility cost."
+    if min(cast["safe_over_refusal"], lora["safe_over_refusal"]) >= 0.9:
+        verdict += ("Both adapters refuse nearly every benign prompt, so this run cannot tell their utility costs "
+                    "apart; use fewer steps or mix in benign pairs (the default).")  # fmt: skip
     elif not same_safety:
         verdict += "In this run CAST did not reach LoRA's safety, so the utility comparison is not at equal safety."
+    elif cheaper:
+        verdict += "In this run CAST matched LoRA's safety at a lower utility cost."
     else:
         verdict += "In this run CAST did not lose less utility than LoRA."
     lines += [
