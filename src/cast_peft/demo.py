@@ -133,7 +133,7 @@ def _report(rows: dict[str, dict[str, float]], payload: dict[str, Any], cmap: An
     lines = [
         "# CAST demo report",
         "",
-        f"Model: {payload['model']}. {settings['regime'].capitalize()}, {settings['steps']} steps, rank 8, lr 1e-3, "
+        f"Model: {payload['model']}. {settings['regime'][0].upper() + settings['regime'][1:]}, {settings['steps']} steps, rank 8, lr 1e-3, "
         f"seed {settings['seed']}. CAST skips {settings['n_skipped']} of {cmap.counts.num_layers * cmap.counts.num_heads} "
         f"heads (skip ratio {settings['skip_ratio']}). Wall time {payload['wall_time_s']:.0f} s.",
         "",
@@ -157,14 +157,16 @@ def _report(rows: dict[str, dict[str, float]], payload: dict[str, Any], cmap: An
     elif not same_safety:
         verdict += "In this run CAST did not reach LoRA's safety, so the utility comparison is not at equal safety."
     elif cheaper:
-        verdict += "In this run CAST matched LoRA's safety at a lower utility cost."
+        verdict += (f"In this run CAST matched LoRA's safety with a lower measured utility cost; with one seed and "
+                    f"{len(payload['details']['base']['safe_over_refusal']['items'])} benign prompts, a difference of "
+                    "one or two prompts is within noise.")  # fmt: skip
     else:
         verdict += "In this run CAST did not lose less utility than LoRA."
     lines += [
         "",
         "## Verdict",
         "",
-        verdict + " One seed and a few dozen prompts: see `benchmarks/tradeoff.py` for the multi-seed study.",
+        verdict + " The multi-seed study is `benchmarks/tradeoff.py`.",
         "",
         "## Files",
         "",
