@@ -11,10 +11,10 @@ import torch
 from ._ablation import IGNORE_INDEX
 
 
-#: Calibration examples per objective recommended for a stable map. benchmarks/map_stability.py (SmolLM2-135M, CPU)
-#: measured, at 96 examples, a split-half Spearman of 0.59 for the default score and a 67% overlap of the top-10% skip
-#: sets; Spearman-Brown extrapolation puts a Spearman of 0.8 at ~260-330 examples (two runs). Not measured directly
-#: beyond 96 (CPU budget): confirm on a GPU.
+#: Calibration examples per objective recommended for a stable map. benchmarks/map_stability.py (SmolLM2-135M, CPU,
+#: default scoring) measured a split-half Spearman of the score of 0.59 / 0.68 / 0.795 and a top-10% skip-set overlap
+#: of 0.67 / 0.59 / 0.81 at 96 / 128 / 256 examples (results/map_stability*.md); Spearman-Brown extrapolation puts a
+#: Spearman of 0.8 at ~265, so the default leaves a margin. 384 itself was not measured.
 DEFAULT_CALIBRATION_SIZE = 384
 
 
