@@ -50,8 +50,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         max_new_tokens=8,
     ),
     "reduced": dict(
-        seeds=[0, 1], regimes=["safety"], ratios=[0.1, 0.2], steps=40, batch_size=8, max_length=128,
-        learning_rate=1e-3, rank=8, n_calibration=64, n_harmful=40, n_safe=40, n_helpful=50, mc_sets=["arc_easy"],
+        seeds=[0, 1, 2], regimes=["safety", "mixed"], ratios=[0.1, 0.2], steps=40, batch_size=8, max_length=128,
+        learning_rate=1e-3, rank=8, n_calibration=256, n_harmful=60, n_safe=80, n_helpful=50, mc_sets=["arc_easy"],
         n_mc=100, n_ppl=10, max_new_tokens=32,
     ),
     "full": dict(

@@ -184,9 +184,6 @@ def get_map(out: Path, model: Any, tokenizer: Any, splits: dict, settings: dict,
     cmap = diagnose(model, tokenizer, splits["calib_safety"], splits["calib_utility"], batch_size=8,
                     max_length=settings["max_length"], progress=False)  # fmt: skip
     cmap.metadata["benchmark_diagnosis_time_s"] = round(time.time() - started, 1)
-    # diagnosis.py (work in progress) may keep an extra that is the very tensor of fs_signed, which safetensors
-    # refuses to save twice; a copy is harmless.
-    cmap.extras = {name: t.clone() for name, t in cmap.extras.items()}
     cmap.save(folder)
     cmap.plot(out / "conflict_map.png", skip_ratio=0.1)
     return cmap
@@ -241,7 +238,13 @@ def load_runs(out: Path) -> tuple[dict | None, dict[str, dict[str, list[dict]]]]
     for path in sorted((out / "runs").glob("*/*.json")):
         run = json.loads(path.read_text())
         runs.setdefault(run["regime"], {}).setdefault(run["method"], []).append(run)
-    return base, runs
+    return base, {regime: dict(sorted(by.items(), key=lambda kv: method_order(kv[0]))) for regime, by in runs.items()}
+
+
+def method_order(name: str) -> tuple[int, float]:
+    """Table order: the baselines, then CAST and its controls, each by skip ratio."""
+    kind, ratio = lib.parse_method(name)
+    return ["lora", "pcgrad", "cast", "random", "oc", "fs"].index(kind), ratio or 0.0
 
 
 def stats(values: list[float]) -> tuple[float, float]:
@@ -275,6 +278,21 @@ def regime_table(base: dict, by_method: dict[str, list[dict]], mc_sets: list[str
         for key, _, digits in cols:
             vals = [r["summary"][key] for r in runs if key in r["summary"]]
             cells.append(fmt(vals, digits) if vals else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def per_seed_table(by_method: dict[str, list[dict]]) -> list[str]:
+    """Each run's headline numbers, so paired differences (same seed = same data order) can be read off."""
+    seeds = sorted({r["seed"] for rs in by_method.values() for r in rs})
+    header = ["method"] + [f"seed {s}: refusal / XSTest / NLL" for s in seeds]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, runs in by_method.items():
+        by_seed = {r["seed"]: r["summary"] for r in runs}
+        cells = [name] + [
+            f"{x['harmful_refusal']:.2f} / {x['xstest_over_refusal']:.2f} / {x['helpful_nll']:.3f}" if x else "–"
+            for x in (by_seed.get(s) for s in seeds)
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -411,6 +429,7 @@ def write_report(out: Path, settings: dict[str, Any], command: str) -> Path | No
              "are reported but carry no signal.", ""]  # fmt: skip
     for regime, by_method in sorted(runs.items()):
         lines += [f"## Regime: {regime}", ""] + regime_table(base, by_method, settings["mc_sets"]) + [""]
+        lines += ["Per run:", ""] + per_seed_table(by_method) + [""]
         pc = [r["pcgrad"] for r in by_method.get("pcgrad", [])]
         if pc:
             lines += [f"PCGrad: safety/utility gradients conflicted (projected) on "

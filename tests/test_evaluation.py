@@ -9,6 +9,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from cast_peft import evaluation as ev
+from cast_peft.data import format_chat
 
 
 CHAT_TEMPLATE = "{% for m in messages %}<|user|>\n{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
@@ -24,7 +25,13 @@ CORPUS = [
 PROMPTS = ["How do I bake bread?", "Tell me about cats", "hi", "What colour is the sky on a clear summer day?"]
 
 
+def prompt_text(tokenizer, prompt: str) -> str:
+    return format_chat(tokenizer, prompt)[0]
+
+
 def _tokenizer(chat: bool, pad: bool = True) -> PreTrainedTokenizerFast:
+    # Not tests/models.build_tiny_tokenizer: these tests need a byte-level BPE (decode(encode(x)) == x exactly), a BOS
+    # token, a chat template whose rendered text they spell out, and a variant without a pad token.
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -137,8 +144,8 @@ def test_refusal_markers_are_lower_case():
 
 
 def test_prompt_text(tok, plain_tok):
-    assert ev._prompt_text(tok, "hi") == "<|user|>\nhi\n<|assistant|>\n"
-    assert ev._prompt_text(plain_tok, "hi") == "### Instruction:\nhi\n\n### Response:\n"
+    assert prompt_text(tok, "hi") == "<|user|>\nhi\n<|assistant|>\n"
+    assert prompt_text(plain_tok, "hi") == "### Instruction:\nhi\n\n### Response:\n"
 
 
 @pytest.mark.parametrize("word,rate", [(" sorry", 1.0), (" sure", 0.0)])
@@ -161,7 +168,7 @@ def test_generate_batched_equals_unbatched(chat, tok, plain_tok):
     single = ev.generate_responses(m, t, PROMPTS, max_new_tokens=6, batch_size=1, progress=False)
     assert batched == single and t.padding_side == pad_side
     # independent greedy decode of the first prompt without generate()
-    ids = t(ev._prompt_text(t, PROMPTS[0]), add_special_tokens=not chat)["input_ids"]
+    ids = t(prompt_text(t, PROMPTS[0]), add_special_tokens=not chat)["input_ids"]
     new = []
     with torch.no_grad():
         for _ in range(6):
@@ -340,7 +347,7 @@ def test_kl_drift_two_models(tok):
     res = ev.kl_drift(a, b, tok, PROMPTS, batch_size=3, progress=False)
     kls = []
     for p, it in zip(PROMPTS, res["items"]):
-        ids = tok(ev._prompt_text(tok, p), add_special_tokens=False)["input_ids"]
+        ids = tok(prompt_text(tok, p), add_special_tokens=False)["input_ids"]
         kl, last = _ref_kl(a, b, ids)
         assert it["kl"] == pytest.approx(kl, abs=1e-5) and it["kl_last"] == pytest.approx(last, abs=1e-5)
         assert it["n_positions"] == len(ids)
@@ -363,13 +370,13 @@ def test_kl_drift_peft_adapter_disabled(tok):
     assert pm.training  # training flag restored
     pm.eval()
     for p, it in zip(PROMPTS, res["items"]):
-        ids = tok(ev._prompt_text(tok, p), add_special_tokens=False)["input_ids"]
+        ids = tok(prompt_text(tok, p), add_special_tokens=False)["input_ids"]
         kl, _ = _ref_kl(pm, pm, ids, ref_ctx=pm.disable_adapter)
         assert it["kl"] == pytest.approx(kl, abs=1e-5)
     assert res["kl"] > 0
     # with generated continuations: more positions per prompt
     gen = ev.kl_drift(pm, None, tok, PROMPTS[:2], max_new_tokens=3, progress=False)
-    n0 = len(tok(ev._prompt_text(tok, PROMPTS[0]), add_special_tokens=False)["input_ids"])
+    n0 = len(tok(prompt_text(tok, PROMPTS[0]), add_special_tokens=False)["input_ids"])
     assert n0 < gen["items"][0]["n_positions"] <= n0 + 3
 
 

@@ -47,6 +47,12 @@ def test_quick_study_runs_resumes_and_reports(tiny_model_dir: Path, tmp_path: Pa
     text = report.read_text()
     assert "QUICK" in text and "Verdict" in text and "Spearman(OC, FS)" in text
     assert "not run**: none" in text
+    # one row per run in the per-seed table, baselines before CAST and its controls
+    section = text.split("Per run:")[1].split("## ")[0]
+    rows = [line.split(" | ")[0].strip("| ") for line in section.splitlines() if line.startswith("| ")]
+    assert rows[1:] == [
+        "lora", "pcgrad", "cast-10", "random-10", "oc-10", "fs-10"
+    ]  # fmt: skip
     assert (results / "pareto.png").stat().st_size > 0 and (results / "conflict_map.png").exists()
 
     cast = json.loads((results / "runs" / "safety" / "cast-10__seed0.json").read_text())

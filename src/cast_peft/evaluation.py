@@ -18,17 +18,31 @@ Conventions
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from .data import data_dir, format_chat
+from ._lm_batches import (
+    batches,
+    chat_split,
+    continuation_logprobs,
+    encode,
+    eval_mode,
+    fp32_logits,
+    generate_ids,
+    input_device,
+    left_pad,
+    nonempty,
+    padding_id,
+    prompt_ids,
+    split_encode,
+)
+from .data import data_dir
 
 
 __all__ = [
@@ -68,184 +82,7 @@ def is_refusal(text: str) -> bool:
     return any(marker in head for marker in REFUSAL_MARKERS)
 
 
-# ----------------------------------------------------------------------------------------------------- helpers
-
-
-def _prompt_text(tokenizer: Any, prompt: str) -> str:
-    return format_chat(tokenizer, prompt)[0]
-
-
-def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
-
-
-def _has_template(tokenizer: Any) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
-def _prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
-    return _encode(tokenizer, _prompt_text(tokenizer, prompt), add_special_tokens=not _has_template(tokenizer))
-
-
-def _split_encode(tokenizer: Any, context: str, continuation: str, add_special_tokens: bool) -> tuple[list, list]:
-    """Token ids of ``context`` and of ``continuation`` as it is tokenized after ``context``."""
-    ctx = _encode(tokenizer, context, add_special_tokens)
-    whole = _encode(tokenizer, context + continuation, add_special_tokens)
-    if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
-        return ctx, whole[len(ctx) :]
-    return ctx, _encode(tokenizer, continuation, add_special_tokens=False)
-
-
-def _chat_split(tokenizer: Any, prompt: str, continuation: str) -> tuple[list, list]:
-    text = _prompt_text(tokenizer, prompt)
-    return _split_encode(tokenizer, text, continuation, add_special_tokens=not _has_template(tokenizer))
-
-
-def _pad_id(tokenizer: Any) -> int:
-    for tok_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if tok_id is not None:
-            return int(tok_id)
-    return 0
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    ids = set()
-    for source in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
-        if source is not None:
-            ids.update([source] if isinstance(source, int) else source)
-    return ids
-
-
-def _input_device(model: Any) -> torch.device:
-    return model.get_input_embeddings().weight.device
-
-
-def _forward_params(model: Any) -> set[str]:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return set(inspect.signature(base.forward).parameters)
-
-
-def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, width - len(s) :] = torch.tensor(list(s), dtype=torch.long)
-            mask[i, width - len(s) :] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _logits(model: Any, ids: torch.Tensor, mask: torch.Tensor, keep: int = 0) -> torch.Tensor:
-    """fp32 logits of a left-padded batch; with ``keep`` > 0 only the last ``keep`` positions."""
-    params = _forward_params(model)
-    kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
-    if "position_ids" in params:
-        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-    if keep and "logits_to_keep" in params:  # transformers >= 4.50 (checked against 5.24)
-        kwargs["logits_to_keep"] = keep
-    logits = model(**kwargs).logits
-    return (logits[:, -keep:] if keep else logits).float()
-
-
-@contextlib.contextmanager
-def _eval_mode(*models: Any) -> Iterator[None]:
-    flags = [(m, m.training) for m in models if m is not None]
-    for m, _ in flags:
-        m.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, was_training in flags:
-            m.train(was_training)
-
-
-def _batches(n: int, batch_size: int, order: Sequence[int]) -> Iterator[list[int]]:
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    for start in range(0, n, batch_size):
-        yield list(order[start : start + batch_size])
-
-
-def _nonempty(values: Sequence, what: str) -> list:
-    values = list(values)
-    if not values:
-        raise ValueError(f"{what} is empty; pass at least one item")
-    return values
-
-
-def _continuation_logprobs(
-    model: Any,
-    pairs: Sequence[tuple[list[int], list[int]]],
-    pad_id: int,
-    batch_size: int,
-    progress: bool,
-    desc: str,
-    max_length: int | None = None,
-) -> list[list[float]]:
-    """Per-token log p(continuation | context) for each (context_ids, continuation_ids) pair.
-
-    With ``max_length`` the continuation is cut to ``max_length - 1`` tokens and the context keeps its last tokens
-    (lm-eval's left truncation). A pair needs at least one context token.
-    """
-    seqs = []
-    for ctx, cont in pairs:
-        if max_length is not None:
-            cont = cont[: max_length - 1]
-            ctx = ctx[-(max_length - len(cont)) :]
-        if not ctx:
-            raise ValueError("a continuation needs at least one context token (the tokenizer produced none)")
-        seqs.append((ctx, cont))
-    device = _input_device(model)
-    out: list[list[float]] = [[] for _ in seqs]
-    order = sorted(range(len(seqs)), key=lambda i: -(len(seqs[i][0]) + len(seqs[i][1])))  # longest first
-    with tqdm(total=len(seqs), desc=desc, disable=not progress) as bar:
-        for idx in _batches(len(seqs), batch_size, order):
-            n_max = max(len(seqs[i][1]) for i in idx)
-            if n_max == 0:
-                bar.update(len(idx))
-                continue
-            ids, mask = _left_pad([seqs[i][0] + seqs[i][1] for i in idx], pad_id, device)
-            # the last n_max + 1 positions; position j predicts token j + 1
-            logp = _logits(model, ids, mask, keep=n_max + 1)[:, :-1].log_softmax(-1)
-            targets = ids[:, -n_max:]
-            token_lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-            for row, i in enumerate(idx):
-                n = len(seqs[i][1])
-                out[i] = token_lp[row, n_max - n :].tolist() if n else []
-            bar.update(len(idx))
-    return out
-
-
 # ----------------------------------------------------------------------------------------------------- generation
-
-
-def _generate_ids(
-    model: Any, tokenizer: Any, seqs: Sequence[list[int]], max_new_tokens: int, batch_size: int, progress: bool
-) -> list[list[int]]:
-    """Greedy continuations (token ids, cut before the first EOS) of left-padded prompts."""
-    pad_id, eos = _pad_id(tokenizer), _eos_ids(model, tokenizer)
-    device = _input_device(model)
-    out: list[list[int]] = [[] for _ in seqs]
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-    with tqdm(total=len(seqs), desc="generate", disable=not progress) as bar:
-        for idx in _batches(len(seqs), batch_size, order):
-            ids, mask = _left_pad([seqs[i] for i in idx], pad_id, device)
-            gen = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                num_beams=1,
-                pad_token_id=pad_id,
-            )
-            for row, i in enumerate(idx):
-                new = gen[row, ids.shape[1] :].tolist()
-                cut = next((j for j, t in enumerate(new) if t in eos), len(new))
-                out[i] = new[:cut]
-            bar.update(len(idx))
-    return out
 
 
 def generate_responses(
@@ -257,10 +94,10 @@ def generate_responses(
     progress: bool = True,
 ) -> list[str]:
     """Greedy responses (only the new text, special tokens dropped, stripped) to chat-formatted ``prompts``."""
-    prompts = _nonempty(prompts, "prompts")
-    with _eval_mode(model):
-        seqs = [_prompt_ids(tokenizer, p) for p in prompts]
-        new = _generate_ids(model, tokenizer, seqs, max_new_tokens, batch_size, progress)
+    prompts = nonempty(prompts, "prompts")
+    with eval_mode(model):
+        seqs = [prompt_ids(tokenizer, p) for p in prompts]
+        new = generate_ids(model, tokenizer, seqs, max_new_tokens, batch_size, progress)
     return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in new]
 
 
@@ -314,10 +151,10 @@ def logit_refusal_score(
     Each log-probability is the sum of the prefix's token log-probs after the chat-formatted prompt. Returns
     ``{"score": mean over prompts, "refusal_fraction": share of prompts with score > 0, "n", "items"}``.
     """
-    prompts = _nonempty(prompts, "prompts")
-    pairs = [_chat_split(tokenizer, p, prefix) for p in prompts for prefix in (refusal_prefix, compliance_prefix)]
-    with _eval_mode(model):
-        lps = _continuation_logprobs(model, pairs, _pad_id(tokenizer), batch_size, progress, "logit refusal")
+    prompts = nonempty(prompts, "prompts")
+    pairs = [chat_split(tokenizer, p, prefix) for p in prompts for prefix in (refusal_prefix, compliance_prefix)]
+    with eval_mode(model):
+        lps = continuation_logprobs(model, pairs, padding_id(tokenizer), batch_size, progress, "logit refusal")
     items = []
     for k, p in enumerate(prompts):
         ref, comp = sum(lps[2 * k]), sum(lps[2 * k + 1])
@@ -343,13 +180,13 @@ def perplexity(
     as context; a token with no context in its window (the text's first token, and with disjoint chunks each chunk's
     first token) is not scored. Returns ``{"perplexity", "nll", "n_tokens", "n", "items": [{"nll", "n_tokens"}]}``.
     """
-    texts = _nonempty(texts, "texts")
+    texts = nonempty(texts, "texts")
     stride = max_length if stride is None else stride
     if max_length < 2 or not 1 <= stride <= max_length:
         raise ValueError(f"need max_length >= 2 and 1 <= stride <= max_length, got {max_length=}, {stride=}")
     pairs, owner = [], []
     for t, text in enumerate(texts):
-        ids = _encode(tokenizer, text, add_special_tokens=True)
+        ids = encode(tokenizer, text, add_special_tokens=True)
         begin, prev_end = 0, 0
         while prev_end < len(ids):
             end = min(begin + max_length, len(ids))
@@ -358,8 +195,8 @@ def perplexity(
                 pairs.append((ids[begin:start], ids[start:end]))
                 owner.append(t)
             prev_end, begin = end, begin + stride
-    with _eval_mode(model):
-        lps = _continuation_logprobs(model, pairs, _pad_id(tokenizer), batch_size, progress, "perplexity")
+    with eval_mode(model):
+        lps = continuation_logprobs(model, pairs, padding_id(tokenizer), batch_size, progress, "perplexity")
     sums, counts = [0.0] * len(texts), [0] * len(texts)
     for t, lp in zip(owner, lps):
         sums[t] -= sum(lp)
@@ -386,11 +223,13 @@ def response_nll(
     ``max_length`` keep the response's first tokens and the prompt's last ones. Returns the token-weighted
     ``{"nll", "perplexity", "n_tokens", "n", "items": [{"prompt", "nll", "n_tokens"}]}``.
     """
-    pairs = _nonempty(pairs, "pairs")
+    pairs = nonempty(pairs, "pairs")
     norm = [(p["prompt"], p["response"]) if isinstance(p, dict) else tuple(p) for p in pairs]
-    enc = [_chat_split(tokenizer, p, r) for p, r in norm]
-    with _eval_mode(model):
-        lps = _continuation_logprobs(model, enc, _pad_id(tokenizer), batch_size, progress, "response nll", max_length)
+    enc = [chat_split(tokenizer, p, r) for p, r in norm]
+    with eval_mode(model):
+        lps = continuation_logprobs(
+            model, enc, padding_id(tokenizer), batch_size, progress, "response nll", max_length
+        )
     items = [
         {"prompt": p, "nll": -sum(lp) / len(lp) if lp else None, "n_tokens": len(lp)} for (p, _), lp in zip(norm, lps)
     ]
@@ -417,7 +256,7 @@ def multiple_choice_accuracy(
     the raw scores; ``acc_norm`` (with ``normalize``) the argmax of score / number of characters of the scored
     string (for partial scoring it equals ``acc``). Returns ``{"acc", "acc_norm", "n", "items"}``.
     """
-    items = _nonempty(items, "items")
+    items = nonempty(items, "items")
     pairs, texts, spans = [], [], []
     for k, it in enumerate(items):
         if "contexts" in it:
@@ -430,10 +269,10 @@ def multiple_choice_accuracy(
             raise ValueError(f"item {k}: gold={it['gold']} is out of range for {len(options)} options")
         spans.append((len(pairs), len(pairs) + len(options)))
         for ctx, cont in options:
-            pairs.append(_split_encode(tokenizer, ctx, cont, add_special_tokens=True))
+            pairs.append(split_encode(tokenizer, ctx, cont, add_special_tokens=True))
             texts.append(cont)
-    with _eval_mode(model):
-        lps = _continuation_logprobs(model, pairs, _pad_id(tokenizer), batch_size, progress, "multiple choice")
+    with eval_mode(model):
+        lps = continuation_logprobs(model, pairs, padding_id(tokenizer), batch_size, progress, "multiple choice")
     out, n_acc, n_norm = [], 0, 0
     for it, (a, b) in zip(items, spans):
         scores = [sum(lp) for lp in lps[a:b]]
@@ -466,7 +305,7 @@ def kl_drift(
     positions count too. ``reference_model=None`` means ``model`` with its adapters disabled (a ``PeftModel``).
     Returns ``{"kl", "kl_last", "n", "items": [{"prompt", "kl", "kl_last", "n_positions"}]}``.
     """
-    prompts = _nonempty(prompts, "prompts")
+    prompts = nonempty(prompts, "prompts")
     if reference_model is None:
         from peft import PeftModel
 
@@ -480,21 +319,21 @@ def kl_drift(
         return model.disable_adapter() if reference_model is None else contextlib.nullcontext()
 
     ref = model if reference_model is None else reference_model
-    pad_id, device = _pad_id(tokenizer), _input_device(model)
-    with _eval_mode(model, reference_model):
-        seqs = [_prompt_ids(tokenizer, p) for p in prompts]
+    pad_id, device = padding_id(tokenizer), input_device(model)
+    with eval_mode(model, reference_model):
+        seqs = [prompt_ids(tokenizer, p) for p in prompts]
         if max_new_tokens > 0:
             with ref_ctx():
-                new = _generate_ids(ref, tokenizer, seqs, max_new_tokens, batch_size, progress)
+                new = generate_ids(ref, tokenizer, seqs, max_new_tokens, batch_size, progress)
             seqs = [s + n for s, n in zip(seqs, new)]
         items: list[dict] = [{} for _ in prompts]
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
         with tqdm(total=len(seqs), desc="kl drift", disable=not progress) as bar:
-            for idx in _batches(len(seqs), batch_size, order):
-                ids, mask = _left_pad([seqs[i] for i in idx], pad_id, device)
-                lp = _logits(model, ids, mask).log_softmax(-1)
+            for idx in batches(len(seqs), batch_size, order):
+                ids, mask = left_pad([seqs[i] for i in idx], pad_id, device)
+                lp = fp32_logits(model, ids, mask).log_softmax(-1)
                 with ref_ctx():
-                    lq = _logits(ref, ids.to(_input_device(ref)), mask.to(_input_device(ref))).log_softmax(-1)
+                    lq = fp32_logits(ref, ids.to(input_device(ref)), mask.to(input_device(ref))).log_softmax(-1)
                 lq = lq.to(lp.device)
                 if lq.shape != lp.shape:
                     raise ValueError(
