@@ -297,6 +297,18 @@ def per_seed_table(by_method: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
+def random_comparison(cast: tuple[float, float] | None, rand: tuple[float, float] | None) -> tuple[bool, str]:
+    """Does CAST's mean utility cost beat random skip's by more than the seed spread (the larger of the two stds)?"""
+    if rand is None:
+        return False, "no random-skip run"
+    gap, spread = rand[0] - cast[0], max(cast[1], rand[1])
+    if math.isnan(spread):
+        return False, f"cannot tell with one seed (gap {gap:+.3f})"
+    if gap > spread:
+        return True, f"yes (gap {gap:+.3f} > seed std {spread:.3f})"
+    return False, f"no (gap {gap:+.3f}, within seed std {spread:.3f})"
+
+
 def verdict(base: dict, by_method: dict[str, list[dict]], regime: str) -> list[str]:
     """The issue's test per CAST ratio: matched safety, utility loss <= 50% of LoRA's, better than random skip."""
     if "lora" not in by_method:
@@ -320,15 +332,33 @@ def verdict(base: dict, by_method: dict[str, list[dict]], regime: str) -> list[s
                 c_rand, sd_rand = stats([cost(r, base, metric) for r in rand])
                 text += f", random {c_rand:+.4f}" + ("" if math.isnan(sd_rand) else f" ± {sd_rand:.4f}")
             parts.append(text)
-        primary = {key: stats([cost(r, base, "xstest_over_refusal") for r in rs])[0]
+        primary = {key: stats([cost(r, base, "xstest_over_refusal") for r in rs])
                    for key, rs in (("cast", cast), ("lora", lora), ("random", rand)) if rs}  # fmt: skip
-        half = primary["cast"] <= 0.5 * primary["lora"]
-        beats_random = "random" in primary and primary["cast"] < primary["random"]
+        half = primary["cast"][0] <= 0.5 * primary["lora"][0]
+        beats_random, versus_random = random_comparison(primary.get("cast"), primary.get("random"))
         parts.append(f"**Claim on the primary utility metric (XSTest over-refusal): "
                      f"{'HOLDS' if matched and half and beats_random else 'does NOT hold'}** (matched safety: "
-                     f"{matched}, ≤ 50% of LoRA's loss: {half}, beats random: {beats_random}).")  # fmt: skip
+                     f"{matched}, ≤ 50% of LoRA's loss: {half}, beats random: {versus_random}).")  # fmt: skip
         out.append(" ".join(parts[:1]) + " " + "; ".join(parts[1:-1]) + ". " + parts[-1])
     return out or [f"- {regime}: no CAST run yet, no verdict."]
+
+
+def conflict_summary(cmap: ConflictMap) -> list[str]:
+    """How much conflict the map finds at all: the gradients' global cosine over every attention parameter, the heads
+    whose safety and utility gradients point apart (OC > 1), and the conflicting share of the inner product."""
+    sums = sum(t.sum(dim=(0, 1)) for t in cmap.stats.values())  # [<gs,gs>, <gu,gu>, <gs,gu>] over all units
+    cos = float(sums[2] / (sums[0] * sums[1]).sqrt())
+    dots = torch.cat([t[..., 2].flatten() for t in cmap.stats.values()])
+    negative, positive = float((-dots).clamp(min=0).sum()), float(dots.clamp(min=0).sum())
+    n_top = sum(len(h) for h in cmap.select(skip_ratio=0.1).values())
+    top_conflicting = sum(int(cmap.oc[layer, h] > 1) for layer, hs in cmap.select(skip_ratio=0.1).items() for h in hs)
+    return [
+        f"Conflict at the base model (calibration data only): over all attention parameters the safety and utility "
+        f"gradients have cosine {cos:+.3f}; {int((cmap.oc > 1).sum())} of {cmap.oc.numel()} query heads and "
+        f"{int((cmap.oc_kv > 1).sum())} of {cmap.oc_kv.numel()} KV heads have OC > 1 (gradients pointing apart); the "
+        f"negative per-unit inner products sum to {negative / positive:.1%} of the positive ones. "
+        f"{top_conflicting} of the {n_top} heads of the default 10% skip set have OC > 1."
+    ]
 
 
 def map_analysis(cmap: ConflictMap, ratios: list[float]) -> list[str]:
@@ -339,7 +369,7 @@ def map_analysis(cmap: ConflictMap, ratios: list[float]) -> list[str]:
              f"Spearman(OC, score) = {spearman(cmap.oc, cmap.score):.3f}; "
              f"Spearman(FS, score) = {spearman(cmap.fs, cmap.score):.3f}. "
              f"OC range {float(cmap.oc.min()):.3f}–{float(cmap.oc.max()):.3f} (mean {float(cmap.oc.mean()):.3f}).",
-             "", "Skipped heads by layer (layer: count), per selection policy:", ""]  # fmt: skip
+             ""] + conflict_summary(cmap) + ["", "Skipped heads by layer (layer: count), per selection policy:", ""]  # fmt: skip
     for ratio in sorted(set(ratios) | {0.1}):
         for policy in ("score", "oc", "fs"):
             skip = cmap.select(skip_ratio=ratio, policy=policy)
