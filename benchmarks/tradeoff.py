@@ -22,9 +22,10 @@ with other settings into the same folder is refused. The report (``report.md``, 
 is rebuilt from whatever runs exist at the end of every invocation (or alone with ``--report-only``).
 
     .venv/bin/python benchmarks/tradeoff.py --quick --model PATH --results /tmp/t   # minutes; tests/test_tradeoff_quick
-    .venv/bin/python benchmarks/tradeoff.py --profile reduced --max-minutes 55       # what was run here (1-2 seeds)
+    .venv/bin/python benchmarks/tradeoff.py --profile reduced --seeds 0 --regimes mixed --methods base,lora,cast-10
+    .venv/bin/python benchmarks/tradeoff.py --profile reduced --max-minutes 55       # the rest of the plan, resumed
     .venv/bin/python benchmarks/tradeoff.py --profile full                           # the whole study; many hours
-    .venv/bin/python benchmarks/tradeoff.py --profile reduced --methods lora,cast-10 --seeds 2 --set n_safe=80
+    .venv/bin/python benchmarks/tradeoff.py --profile reduced --set n_safe=160 --results /tmp/more_xstest
 """
 
 from __future__ import annotations

@@ -46,7 +46,9 @@ DEFAULT_SKIP_RATIO = 0.1
 # the few clearly sensitive heads and is the most reproducible; scoring k/v per KV head ("separate") gave both a
 # higher score correlation and a higher skip-set overlap than folding the shared k/v rows into every head's θ_h.
 # Caveat (same benchmark): that skip set shares ~2/3 of its heads with the FS-only control; rank normalisation mixes
-# OC and FS evenly but was less stable. The downstream safety/utility trade-off should confirm the choice.
+# OC and FS evenly but was less stable. The trade-off study (benchmarks/results/tradeoff/reduced) did not single out
+# a better rule: on SmolLM2, no selection (score, OC, FS) beat random skipping beyond the seed spread. So these are
+# the most reproducible choice, not a proven better one.
 DEFAULT_KV_SCORING = "separate"
 DEFAULT_COMBINE = "product"
 DEFAULT_NORMALIZATION = "minmax"
