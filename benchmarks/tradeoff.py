@@ -351,8 +351,9 @@ def conflict_summary(cmap: ConflictMap) -> list[str]:
     cos = float(sums[2] / (sums[0] * sums[1]).sqrt())
     dots = torch.cat([t[..., 2].flatten() for t in cmap.stats.values()])
     negative, positive = float((-dots).clamp(min=0).sum()), float(dots.clamp(min=0).sum())
-    n_top = sum(len(h) for h in cmap.select(skip_ratio=0.1).values())
-    top_conflicting = sum(int(cmap.oc[layer, h] > 1) for layer, hs in cmap.select(skip_ratio=0.1).items() for h in hs)
+    top = cmap.select(skip_ratio=0.1)
+    n_top = sum(len(h) for h in top.values())
+    top_conflicting = sum(int(cmap.oc[layer, h] > 1) for layer, hs in top.items() for h in hs)
     return [
         f"Conflict at the base model (calibration data only): over all attention parameters the safety and utility "
         f"gradients have cosine {cos:+.3f}; {int((cmap.oc > 1).sum())} of {cmap.oc.numel()} query heads and "
