@@ -118,3 +118,32 @@ def build_tiny_tokenizer(chat: bool = True) -> transformers.PreTrainedTokenizerF
     )
     tokenizer.chat_template = CHAT_TEMPLATE if chat else None
     return tokenizer
+
+
+def build_byte_tokenizer(
+    corpus: list[str],
+    specials: list[str],
+    *,
+    eos: str,
+    pad: str | None,
+    bos: str | None = None,
+    chat_template: str | None = None,
+    vocab_size: int = 320,
+) -> transformers.PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained offline on ``corpus``: ``decode(encode(text)) == text`` exactly, which the
+    data and evaluation tests rely on when they spell out rendered prompts (unlike :func:`build_tiny_tokenizer`)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(corpus, trainer)
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=bos, eos_token=eos, pad_token=pad)
+    tokenizer.chat_template = chat_template
+    return tokenizer

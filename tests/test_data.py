@@ -6,7 +6,7 @@ from collections import Counter
 import datasets
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from models import build_byte_tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from cast_peft import data
@@ -38,20 +38,13 @@ SENTENCES = [
 
 
 def _build_tokenizer(chat: bool) -> PreTrainedTokenizerFast:
-    """A real byte-level BPE tokenizer trained offline on a few sentences (decoding round-trips exactly)."""
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<pad>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+    return build_byte_tokenizer(
+        SENTENCES,
+        ["<pad>", "<|im_start|>", "<|im_end|>"],
+        eos="<|im_end|>",
+        pad="<pad>",
+        chat_template=CHAT_TEMPLATE if chat else None,
     )
-    bpe.train_from_iterator(SENTENCES, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<pad>")
-    tok.chat_template = CHAT_TEMPLATE if chat else None
-    return tok
 
 
 @pytest.fixture(scope="module")

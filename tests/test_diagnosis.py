@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from _diag_worker import OPTIONS, inputs, labelled_batches
-from models import ARCHS, VOCAB, build_tiny_model, save_bnb_sized_llama
+from models import ARCHS, VOCAB, build_byte_tokenizer, build_tiny_model, save_bnb_sized_llama
 
 from cast_peft.conflict_map import ConflictMap, spearman
 from cast_peft.diagnosis import Diagnosis, DiagnosisError, diagnose
@@ -309,19 +309,9 @@ def test_nonfinite_gradient_names_the_batch():
 
 # ------------------------------------------------------------------------------------------------ data forms, bad input
 def _tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<pad>", "<eos>"],
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    bpe.train_from_iterator(["How do I bake bread? Mix flour and water.", "I can't help with that."], trainer)
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", pad_token="<pad>")
+    # Byte-level with 300+ ids: larger than the tiny models' VOCAB, so diagnosing build_tiny_model with it must fail.
+    corpus = ["How do I bake bread? Mix flour and water.", "I can't help with that."]
+    return build_byte_tokenizer(corpus, ["<pad>", "<eos>"], eos="<eos>", pad="<pad>", vocab_size=300)
 
 
 def test_examples_dataset_and_dataloader_inputs():

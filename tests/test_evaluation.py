@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from models import build_byte_tokenizer
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from cast_peft import evaluation as ev
@@ -30,21 +30,16 @@ def prompt_text(tokenizer, prompt: str) -> str:
 
 
 def _tokenizer(chat: bool, pad: bool = True) -> PreTrainedTokenizerFast:
-    # Not tests/models.build_tiny_tokenizer: these tests need a byte-level BPE (decode(encode(x)) == x exactly), a BOS
-    # token, a chat template whose rendered text they spell out, and a variant without a pad token.
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    # These tests need a BOS token, a chat template whose rendered text they spell out, and a variant without a pad
+    # token (hence not the shared character-level build_tiny_tokenizer).
+    return build_byte_tokenizer(
+        CORPUS,
+        SPECIALS,
+        bos="<s>",
+        eos="</s>",
+        pad="<pad>" if pad else None,
+        chat_template=CHAT_TEMPLATE if chat else None,
     )
-    tok.train_from_iterator(CORPUS, trainer)
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>" if pad else None
-    )
-    if chat:
-        hf.chat_template = CHAT_TEMPLATE
-    return hf
 
 
 @pytest.fixture(scope="module")
