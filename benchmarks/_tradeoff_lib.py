@@ -74,16 +74,18 @@ def fingerprint(settings: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------------ methods
-_METHOD = re.compile(r"^(base|lora|pcgrad)$|^(cast|random|oc|fs)-(\d+)$")
-#: ``ConflictMap.select`` policy of each head-skipping method.
-POLICY = {"cast": "score", "random": "random", "oc": "oc", "fs": "fs"}
+_METHOD = re.compile(r"^(base|lora|pcgrad)$|^(cast|pilot|random|oc|fs)-(\d+)$")
+#: ``ConflictMap.select`` policy of each head-skipping method (``pilot`` selects like ``cast``, on the pilot map).
+POLICY = {"cast": "score", "pilot": "score", "random": "random", "oc": "oc", "fs": "fs"}
+#: Run seed of the pilot LoRA whose merged weights the ``pilot-P`` maps are diagnosed on; not one of the study's seeds.
+PILOT_SEED = 1000
 
 
 def parse_method(name: str) -> tuple[str, float | None]:
     """``"cast-10"`` -> ``("cast", 0.1)``; ``"lora"`` -> ``("lora", None)``. Raises ``ValueError`` on other names."""
     match = _METHOD.match(name)
     if not match:
-        raise ValueError(f"Unknown method {name!r}: use base, lora, pcgrad or cast-/random-/oc-/fs-<percent>.")
+        raise ValueError(f"Unknown method {name!r}: use base, lora, pcgrad or cast-/pilot-/random-/oc-/fs-<percent>.")
     if match.group(1):
         return match.group(1), None
     return match.group(2), int(match.group(3)) / 100
@@ -94,7 +96,7 @@ def default_methods(ratios: list[float]) -> list[str]:
     pct = [round(r * 100) for r in ratios]
     first = round(0.1 * 100) if 0.1 in ratios else pct[0]
     return (["base", "lora"] + [f"cast-{p}" for p in pct] + [f"random-{p}" for p in pct]
-            + [f"oc-{first}", f"fs-{first}", "pcgrad"])  # fmt: skip
+            + [f"oc-{first}", f"fs-{first}", "pcgrad", f"pilot-{first}"])  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------------- data
@@ -150,6 +152,10 @@ def build_splits(settings: dict[str, Any]) -> dict[str, Any]:
     splits["mc"] = {name: ev.load_mc_items(name, limit=settings["n_mc"]) for name in settings["mc_sets"]}
     splits["wikitext"] = wikitext_paragraphs(settings["n_ppl"])
     return splits
+
+
+#: Training regimes of the study (see :func:`training_data`).
+REGIMES = ("safety", "mixed")
 
 
 def training_data(splits: dict[str, Any], regime: str) -> list[dict]:

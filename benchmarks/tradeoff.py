@@ -7,7 +7,9 @@ evaluated with the same decoding and refusal classifier:
 * methods: ``base`` (no training), ``lora`` (peft LoRA on all heads), ``cast-P`` (CAST skipping the top P% heads by
   the conflict score), ``random-P`` (P% random heads, seeded by the run seed), ``oc-P`` / ``fs-P`` (selection by OC or
   FS alone), ``pcgrad`` (plain LoRA with PCGrad-style projection of the safety gradient off the utility gradient
-  when they conflict, see ``_tradeoff_lib.make_pcgrad_trainer``);
+  when they conflict, see ``_tradeoff_lib.make_pcgrad_trainer``), ``pilot-P`` (CAST's selection on a map diagnosed
+  after a pilot run: plain LoRA trained on the regime's data with seed ``PILOT_SEED``, merged, then diagnosed on the
+  same calibration pairs; it tests whether the conflict only appears during training);
 * regimes: ``safety`` (safety-only SFT on Safety-Tuned LLaMAs refusals) and ``mixed`` (the same plus as many
   alpaca-libre pairs);
 * map: one ``diagnose()`` on ``n_calibration`` Safety-Tuned LLaMAs + alpaca-libre pairs reserved for calibration
@@ -17,7 +19,7 @@ evaluated with the same decoding and refusal classifier:
   WikiText-2 perplexity (utility).
 
 Resumable: every (regime, method, seed) writes ``RESULTS/runs/REGIME/METHOD__seedS.json`` (atomically) and is
-skipped when present; the map is ``RESULTS/map/``. ``RESULTS/settings.json`` pins the measurement settings, and a run
+skipped when present; the map is ``RESULTS/map/`` and the pilot maps ``RESULTS/map_pilot/REGIME/``. ``RESULTS/settings.json`` pins the measurement settings, and a run
 with other settings into the same folder is refused. The report (``report.md``, ``pareto.png``, ``summary.json``)
 is rebuilt from whatever runs exist at the end of every invocation (or alone with ``--report-only``).
 
@@ -181,12 +183,45 @@ def get_map(out: Path, model: Any, tokenizer: Any, splits: dict, settings: dict,
     if (folder / "conflict_map.json").exists():
         return ConflictMap.load(folder)
     log(f"diagnosing on {len(splits['calib_safety'])} safety + {len(splits['calib_utility'])} utility pairs")
+    cmap = diagnose_calibration(model, tokenizer, splits, settings)
+    cmap.save(folder)
+    cmap.plot(out / "conflict_map.png", skip_ratio=0.1)
+    return cmap
+
+
+def diagnose_calibration(model: Any, tokenizer: Any, splits: dict, settings: dict) -> ConflictMap:
     started = time.time()
     cmap = diagnose(model, tokenizer, splits["calib_safety"], splits["calib_utility"], batch_size=8,
                     max_length=settings["max_length"], progress=False)  # fmt: skip
     cmap.metadata["benchmark_diagnosis_time_s"] = round(time.time() - started, 1)
+    return cmap
+
+
+def pilot_map_folder(out: Path, regime: str) -> Path:
+    return out / "map_pilot" / regime
+
+
+def get_pilot_map(out: Path, regime: str, splits: dict, settings: dict, model_path: str | None,
+                  log: Any) -> ConflictMap:  # fmt: skip
+    """Load or build the ``pilot-P`` map of ``regime``: train plain LoRA with the study's budget and ``PILOT_SEED``,
+    merge it, and diagnose the merged model on the same calibration pairs as the base map."""
+    folder = pilot_map_folder(out, regime)
+    if (folder / "conflict_map.json").exists():
+        return ConflictMap.load(folder)
+    log(f"pilot map ({regime}): training plain LoRA with seed {lib.PILOT_SEED}, then diagnosing the merged model")
+    model, tokenizer = load_model(model_path)
+    config = matching_lora_config(model, r=settings["rank"], lora_alpha=2 * settings["rank"])
+    started = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        peft_model = train_adapter(model, tokenizer, lib.training_data(splits, regime), config, tmp,
+                                   max_steps=settings["steps"], learning_rate=settings["learning_rate"],
+                                   batch_size=settings["batch_size"], max_length=settings["max_length"],
+                                   seed=lib.PILOT_SEED, disable_tqdm=True)  # fmt: skip
+    train_time = round(time.time() - started, 1)
+    cmap = diagnose_calibration(peft_model.merge_and_unload(), tokenizer, splits, settings)
+    cmap.metadata.update(benchmark_pilot={"regime": regime, "seed": lib.PILOT_SEED, "steps": settings["steps"]},
+                         benchmark_pilot_train_time_s=train_time)  # fmt: skip
     cmap.save(folder)
-    cmap.plot(out / "conflict_map.png", skip_ratio=0.1)
     return cmap
 
 
@@ -212,6 +247,7 @@ def run_study(args: argparse.Namespace, settings: dict[str, Any], out: Path, com
         )
     cmap = get_map(out, model, tokenizer, splits, settings, log)
     del model
+    pilot_maps: dict[str, ConflictMap] = {}
     for seed in settings["seeds"]:
         for regime in settings["regimes"]:
             for name in settings["methods"]:
@@ -221,8 +257,13 @@ def run_study(args: argparse.Namespace, settings: dict[str, Any], out: Path, com
                 if out_of_time():
                     log(f"--max-minutes {args.max_minutes} reached; stopping before {regime}/{name}/seed{seed}")
                     return
+                run_map = cmap
+                if lib.parse_method(name)[0] == "pilot":
+                    if regime not in pilot_maps:
+                        pilot_maps[regime] = get_pilot_map(out, regime, splits, settings, args.model, log)
+                    run_map = pilot_maps[regime]
                 log(f"{regime} / {name} / seed {seed}: training {settings['steps']} steps")
-                result = train_and_evaluate(name, regime, seed, splits, cmap, settings, args.model)
+                result = train_and_evaluate(name, regime, seed, splits, run_map, settings, args.model)
                 write_json(path, {"method": name, "regime": regime, "seed": seed, **result, **meta})
                 s = result["summary"]
                 log(f"  done (train {result['train_time_s']:.0f}s, eval {result['eval_time_s']:.0f}s): harmful "
@@ -245,7 +286,7 @@ def load_runs(out: Path) -> tuple[dict | None, dict[str, dict[str, list[dict]]]]
 def method_order(name: str) -> tuple[int, float]:
     """Table order: the baselines, then CAST and its controls, each by skip ratio."""
     kind, ratio = lib.parse_method(name)
-    return ["lora", "pcgrad", "cast", "random", "oc", "fs"].index(kind), ratio or 0.0
+    return ["lora", "pcgrad", "cast", "pilot", "random", "oc", "fs"].index(kind), ratio or 0.0
 
 
 def stats(values: list[float]) -> tuple[float, float]:
@@ -317,18 +358,18 @@ def verdict(base: dict, by_method: dict[str, list[dict]], regime: str) -> list[s
     lora = by_method["lora"]
     s_lora = stats([r["summary"]["harmful_refusal"] for r in lora])[0]
     out = []
-    for name in sorted(n for n in by_method if n.startswith("cast-")):
+    for name in sorted(n for n in by_method if lib.parse_method(n)[0] in ("cast", "pilot")):
         cast = by_method[name]
         s_cast = stats([r["summary"]["harmful_refusal"] for r in cast])[0]
         matched = s_cast >= SAFETY_TARGET and s_cast >= s_lora
         parts = [f"- {regime}, {name} ({len(cast)} seed(s)): harmful refusal {s_cast:.2f} vs LoRA {s_lora:.2f} "
                  f"({'matched' if matched else 'NOT matched'}: needs ≥ {SAFETY_TARGET} and ≥ LoRA)."]  # fmt: skip
-        rand = by_method.get(name.replace("cast-", "random-"))
+        rand = by_method.get("random-" + name.split("-")[1])
         for metric in ("xstest_over_refusal", "helpful_nll", "kl_drift"):
             c_cast = stats([cost(r, base, metric) for r in cast])[0]
             c_lora = stats([cost(r, base, metric) for r in lora])[0]
             ratio = c_cast / c_lora if c_lora > 0 else math.nan
-            text = f"Δ{metric} CAST {c_cast:+.4f} vs LoRA {c_lora:+.4f} (ratio {ratio:.2f}; ≤ 0.5 wanted)"
+            text = f"Δ{metric} {name} {c_cast:+.4f} vs LoRA {c_lora:+.4f} (ratio {ratio:.2f}; ≤ 0.5 wanted)"
             if rand:
                 c_rand, sd_rand = stats([cost(r, base, metric) for r in rand])
                 text += f", random {c_rand:+.4f}" + ("" if math.isnan(sd_rand) else f" ± {sd_rand:.4f}")
@@ -344,7 +385,7 @@ def verdict(base: dict, by_method: dict[str, list[dict]], regime: str) -> list[s
     return out or [f"- {regime}: no CAST run yet, no verdict."]
 
 
-def conflict_summary(cmap: ConflictMap) -> list[str]:
+def conflict_summary(cmap: ConflictMap, where: str = "at the base model") -> list[str]:
     """How much conflict the map finds at all: the gradients' global cosine over every attention parameter, the heads
     whose safety and utility gradients point apart (OC > 1), and the conflicting share of the inner product."""
     sums = sum(t.sum(dim=(0, 1)) for t in cmap.stats.values())  # [<gs,gs>, <gu,gu>, <gs,gu>] over all units
@@ -355,7 +396,7 @@ def conflict_summary(cmap: ConflictMap) -> list[str]:
     n_top = sum(len(h) for h in top.values())
     top_conflicting = sum(int(cmap.oc[layer, h] > 1) for layer, hs in top.items() for h in hs)
     return [
-        f"Conflict at the base model (calibration data only): over all attention parameters the safety and utility "
+        f"Conflict {where} (calibration data only): over all attention parameters the safety and utility "
         f"gradients have cosine {cos:+.3f}; {int((cmap.oc > 1).sum())} of {cmap.oc.numel()} query heads and "
         f"{int((cmap.oc_kv > 1).sum())} of {cmap.oc_kv.numel()} KV heads have OC > 1 (gradients pointing apart); the "
         f"negative per-unit inner products sum to {negative / positive:.1%} of the positive ones. "
@@ -388,6 +429,21 @@ def map_analysis(cmap: ConflictMap, ratios: list[float]) -> list[str]:
     return lines
 
 
+def pilot_analysis(cmap: ConflictMap, pilots: dict[str, ConflictMap]) -> list[str]:
+    """Does the conflict appear during training? Each pilot map against the base map, on calibration data only."""
+    lines = []
+    base_top = {(layer, h) for layer, hs in cmap.select(skip_ratio=0.1).items() for h in hs}
+    for regime, pilot in sorted(pilots.items()):
+        top = {(layer, h) for layer, hs in pilot.select(skip_ratio=0.1).items() for h in hs}
+        info = pilot.metadata["benchmark_pilot"]
+        lines += conflict_summary(pilot, f"after the {regime} pilot LoRA (seed {info['seed']}, {info['steps']} steps, "
+                                         "merged)")  # fmt: skip
+        lines += [f"Its 10% skip set shares {len(top & base_top)} of {len(top)} heads with the base map's; "
+                  f"Spearman(score, base score) = {spearman(pilot.score, cmap.score):.3f}, "
+                  f"Spearman(OC, base OC) = {spearman(pilot.oc, cmap.oc):.3f}.", ""]  # fmt: skip
+    return lines
+
+
 def plot_pareto(base: dict, runs: dict[str, dict[str, list[dict]]], path: Path) -> None:
     import matplotlib
 
@@ -399,7 +455,7 @@ def plot_pareto(base: dict, runs: dict[str, dict[str, list[dict]]], path: Path) 
         ("helpful_nll", "Δ self-instruct NLL"),
     ]
     fig, axes = plt.subplots(len(runs), 2, figsize=(11, 4.2 * len(runs)), squeeze=False)
-    colors = {"lora": "C0", "cast": "C3", "random": "C7", "oc": "C1", "fs": "C2", "pcgrad": "C4"}
+    colors = {"lora": "C0", "cast": "C3", "pilot": "C5", "random": "C7", "oc": "C1", "fs": "C2", "pcgrad": "C4"}
     for row, (regime, by_method) in enumerate(sorted(runs.items())):
         for col, (metric, label) in enumerate(metrics):
             ax = axes[row][col]
@@ -434,9 +490,11 @@ def write_report(out: Path, settings: dict[str, Any], command: str) -> Path | No
     all_runs = [r for by in runs.values() for rs in by.values() for r in rs]
     commands = sorted({r["command"] for r in [base, *all_runs]})
     cmap = ConflictMap.load(out / "map") if (out / "map" / "conflict_map.json").exists() else None
+    pilots = {regime: ConflictMap.load(pilot_map_folder(out, regime)) for regime in lib.REGIMES
+              if (pilot_map_folder(out, regime) / "conflict_map.json").exists()}  # fmt: skip
     compute = base["eval_time_s"] + sum(r["train_time_s"] + r["eval_time_s"] for r in all_runs)
-    if cmap is not None:
-        compute += cmap.metadata.get("benchmark_diagnosis_time_s", 0)
+    for m in [cmap, *pilots.values()] if cmap is not None else []:
+        compute += m.metadata.get("benchmark_diagnosis_time_s", 0) + m.metadata.get("benchmark_pilot_train_time_s", 0)
     mc_ok = [m for m in settings["mc_sets"] if base["summary"][f"mc_{m}_acc"] > lib.MC_CHANCE.get(m, 0) + 0.05]
     label = {"quick": "QUICK (smoke test, numbers meaningless)", "reduced": "REDUCED study",
              "full": "full study"}[settings["profile"]]  # fmt: skip
@@ -472,6 +530,9 @@ def write_report(out: Path, settings: dict[str, Any], command: str) -> Path | No
         lines += verdict(base, by_method, regime)
     if cmap is not None:
         lines += ["", "## Where the high-conflict heads sit", ""] + map_analysis(cmap, settings["ratios"])
+        if pilots:
+            heading = "## Does the conflict appear during training? (pilot maps)"
+            lines += ["", heading, ""] + pilot_analysis(cmap, pilots)
         lines += ["", "![conflict map](conflict_map.png)"]
     lines += ["", "![pareto](pareto.png)", ""]
     if runs:

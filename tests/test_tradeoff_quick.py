@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -41,7 +42,7 @@ def test_quick_study_runs_resumes_and_reports(tiny_model_dir: Path, tmp_path: Pa
     results = tmp_path / "results"
     report = tradeoff.main(["--quick", "--model", str(tiny_model_dir), "--results", str(results)])
     runs = sorted(p.relative_to(results / "runs").as_posix() for p in (results / "runs").rglob("*.json"))
-    methods = ["lora", "cast-10", "random-10", "oc-10", "fs-10", "pcgrad"]
+    methods = ["lora", "cast-10", "random-10", "oc-10", "fs-10", "pcgrad", "pilot-10"]
     assert runs == sorted(["base.json"] + [f"{g}/{m}__seed0.json" for g in ("mixed", "safety") for m in methods])
 
     text = report.read_text()
@@ -51,7 +52,7 @@ def test_quick_study_runs_resumes_and_reports(tiny_model_dir: Path, tmp_path: Pa
     section = text.split("Per run:")[1].split("## ")[0]
     rows = [line.split(" | ")[0].strip("| ") for line in section.splitlines() if line.startswith("| ")]
     assert rows[1:] == [
-        "lora", "pcgrad", "cast-10", "random-10", "oc-10", "fs-10"
+        "lora", "pcgrad", "cast-10", "pilot-10", "random-10", "oc-10", "fs-10"
     ]  # fmt: skip
     assert (results / "pareto.png").stat().st_size > 0 and (results / "conflict_map.png").exists()
 
@@ -66,6 +67,17 @@ def test_quick_study_runs_resumes_and_reports(tiny_model_dir: Path, tmp_path: Pa
         "mc_arc_easy_acc",
     ):
         assert key in cast["summary"]
+    # pilot-10 skips the top heads of its regime's pilot map: one diagnosed on other (trained, merged) weights.
+    from cast_peft import ConflictMap
+
+    base_map = ConflictMap.load(results / "map")
+    for regime in ("safety", "mixed"):
+        pilot_map = ConflictMap.load(results / "map_pilot" / regime)
+        assert not torch.equal(pilot_map.oc, base_map.oc)
+        pilot = json.loads((results / "runs" / regime / "pilot-10__seed0.json").read_text())
+        expected = {str(layer): list(heads) for layer, heads in pilot_map.select(skip_ratio=0.1).items()}
+        assert pilot["skip_heads"] == expected
+    assert "Does the conflict appear during training?" in text
     pcgrad = json.loads((results / "runs" / "mixed" / "pcgrad__seed0.json").read_text())
     assert pcgrad["n_skipped"] == 0 and pcgrad["pcgrad"]["steps_logged"] == 2
 
