@@ -392,6 +392,7 @@ def conflict_summary(cmap: ConflictMap, where: str = "at the base model") -> lis
     cos = float(sums[2] / (sums[0] * sums[1]).sqrt())
     dots = torch.cat([t[..., 2].flatten() for t in cmap.stats.values()])
     negative, positive = float((-dots).clamp(min=0).sum()), float(dots.clamp(min=0).sum())
+    share = f"{negative / positive:.1%} of" if negative < positive else f"{negative / positive:.1f} times"
     top = cmap.select(skip_ratio=0.1)
     n_top = sum(len(h) for h in top.values())
     top_conflicting = sum(int(cmap.oc[layer, h] > 1) for layer, hs in top.items() for h in hs)
@@ -399,7 +400,7 @@ def conflict_summary(cmap: ConflictMap, where: str = "at the base model") -> lis
         f"Conflict {where} (calibration data only): over all attention parameters the safety and utility "
         f"gradients have cosine {cos:+.3f}; {int((cmap.oc > 1).sum())} of {cmap.oc.numel()} query heads and "
         f"{int((cmap.oc_kv > 1).sum())} of {cmap.oc_kv.numel()} KV heads have OC > 1 (gradients pointing apart); the "
-        f"negative per-unit inner products sum to {negative / positive:.1%} of the positive ones. "
+        f"negative per-unit inner products sum to {share} the positive ones. "
         f"{top_conflicting} of the {n_top} heads of the default 10% skip set have OC > 1."
     ]
 
@@ -532,7 +533,12 @@ def write_report(out: Path, settings: dict[str, Any], command: str) -> Path | No
         lines += ["", "## Where the high-conflict heads sit", ""] + map_analysis(cmap, settings["ratios"])
         if pilots:
             heading = "## Does the conflict appear during training? (pilot maps)"
-            lines += ["", heading, ""] + pilot_analysis(cmap, pilots)
+            note = (
+                "Read with care: a model trained on both objectives sits near a point where their summed gradient "
+                "is small, so the safety and utility gradients oppose each other there by construction; OC then "
+                "rises on every head and says more about where training stopped than about the heads."
+            )
+            lines += ["", heading, "", note, ""] + pilot_analysis(cmap, pilots)
         lines += ["", "![conflict map](conflict_map.png)"]
     lines += ["", "![pareto](pareto.png)", ""]
     if runs:
