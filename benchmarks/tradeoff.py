@@ -339,16 +339,30 @@ def per_seed_table(by_method: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
-def random_comparison(cast: tuple[float, float] | None, rand: tuple[float, float] | None) -> tuple[bool, str]:
-    """Does CAST's mean utility cost beat random skip's by more than the seed spread (the larger of the two stds)?"""
-    if rand is None:
-        return False, "no random-skip run"
-    gap, spread = rand[0] - cast[0], max(cast[1], rand[1])
-    if math.isnan(spread):
-        return False, f"cannot tell with one seed (gap {gap:+.3f})"
-    if gap > spread:
-        return True, f"yes (gap {gap:+.3f} > seed std {spread:.3f})"
-    return False, f"no (gap {gap:+.3f}, within seed std {spread:.3f})"
+#: One-sided 95% critical values of Student's t by degrees of freedom (paired comparison over seeds).
+T_CRIT_95 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860, 9: 1.833}
+
+
+def paired_comparison(base: dict, cast: list[dict], other: list[dict] | None, metric: str) -> tuple[bool, str]:
+    """Is ``cast``'s utility cost lower than ``other``'s? Runs of the same seed share the data order, so the test is
+    paired: the per-seed gaps (other minus cast) must be positive with a one-sided paired t above the 95% critical
+    value. The unpaired view (mean gap against the larger seed std) is printed alongside."""
+    if not other:
+        return False, "no run to compare with"
+    by_seed = {r["seed"]: cost(r, base, metric) for r in other}
+    gaps = [by_seed[r["seed"]] - cost(r, base, metric) for r in cast if r["seed"] in by_seed]
+    (c_mean, c_std), (r_mean, r_std) = (stats([cost(r, base, metric) for r in rs]) for rs in (cast, other))
+    unpaired = f"unpaired: gap {r_mean - c_mean:+.3f}" + (
+        "" if math.isnan(c_std) or math.isnan(r_std) else f" vs seed std {max(c_std, r_std):.3f}")  # fmt: skip
+    if len(gaps) < 2:
+        return False, f"cannot tell with {len(gaps)} paired seed(s) ({unpaired})"
+    mean, std = stats(gaps)
+    t = mean / (std / math.sqrt(len(gaps))) if std > 0 else math.copysign(math.inf, mean) if mean else 0.0
+    crit = T_CRIT_95.get(len(gaps) - 1, T_CRIT_95[9])  # beyond 9 degrees of freedom: the df=9 value (stricter)
+    wins = sum(g > 0 for g in gaps)
+    text = (f"paired over {len(gaps)} seeds: gap {mean:+.3f} ± {std:.3f}, lower on {wins}/{len(gaps)}, "
+            f"t = {t:.2f} (needs > {crit:.2f}); {unpaired}")  # fmt: skip
+    return t > crit, ("yes, " if t > crit else "no, ") + text
 
 
 def verdict(base: dict, by_method: dict[str, list[dict]], regime: str) -> list[str]:
@@ -358,7 +372,7 @@ def verdict(base: dict, by_method: dict[str, list[dict]], regime: str) -> list[s
     lora = by_method["lora"]
     s_lora = stats([r["summary"]["harmful_refusal"] for r in lora])[0]
     out = []
-    for name in sorted(n for n in by_method if lib.parse_method(n)[0] in ("cast", "pilot")):
+    for name in sorted((n for n in by_method if lib.parse_method(n)[0] in ("cast", "pilot")), key=method_order):
         cast = by_method[name]
         s_cast = stats([r["summary"]["harmful_refusal"] for r in cast])[0]
         matched = s_cast >= SAFETY_TARGET and s_cast >= s_lora
@@ -374,13 +388,16 @@ def verdict(base: dict, by_method: dict[str, list[dict]], regime: str) -> list[s
                 c_rand, sd_rand = stats([cost(r, base, metric) for r in rand])
                 text += f", random {c_rand:+.4f}" + ("" if math.isnan(sd_rand) else f" ± {sd_rand:.4f}")
             parts.append(text)
-        primary = {key: stats([cost(r, base, "xstest_over_refusal") for r in rs])
-                   for key, rs in (("cast", cast), ("lora", lora), ("random", rand)) if rs}  # fmt: skip
-        half = primary["cast"][0] <= 0.5 * primary["lora"][0]
-        beats_random, versus_random = random_comparison(primary.get("cast"), primary.get("random"))
+        primary = "xstest_over_refusal"
+        half = (
+            stats([cost(r, base, primary) for r in cast])[0] <= 0.5 * stats([cost(r, base, primary) for r in lora])[0]
+        )
+        beats_random, versus_random = paired_comparison(base, cast, rand, primary)
+        versus_lora = paired_comparison(base, cast, lora, primary)[1]
         parts.append(f"**Claim on the primary utility metric (XSTest over-refusal): "
                      f"{'HOLDS' if matched and half and beats_random else 'does NOT hold'}** (matched safety: "
-                     f"{matched}, ≤ 50% of LoRA's loss: {half}, beats random: {versus_random}).")  # fmt: skip
+                     f"{matched}, ≤ 50% of LoRA's loss: {half}; below random: {versus_random}; below LoRA: "
+                     f"{versus_lora}).")  # fmt: skip
         out.append(" ".join(parts[:1]) + " " + "; ".join(parts[1:-1]) + ". " + parts[-1])
     return out or [f"- {regime}: no CAST run yet, no verdict."]
 

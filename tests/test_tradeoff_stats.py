@@ -1,0 +1,56 @@
+"""The trade-off report's paired seed comparison, against a paired t statistic computed here by hand."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import tradeoff  # noqa: E402
+
+
+BASE = {"summary": {"xstest_over_refusal": 0.05}}
+
+
+def _runs(values: dict[int, float]) -> list[dict]:
+    return [{"seed": seed, "summary": {"xstest_over_refusal": v}} for seed, v in values.items()]
+
+
+def test_paired_comparison_uses_per_seed_gaps():
+    cast = _runs({0: 0.80, 1: 0.70, 2: 0.60})
+    other = _runs({0: 0.85, 1: 0.73, 2: 0.64})
+    gaps = [0.05, 0.03, 0.04]
+    mean = sum(gaps) / 3
+    sd = math.sqrt(sum((g - mean) ** 2 for g in gaps) / 2)
+    beats, text = tradeoff.paired_comparison(BASE, cast, other, "xstest_over_refusal")
+    assert beats  # t = 6.93 > 2.92 (one-sided 95%, 2 degrees of freedom)
+    assert f"t = {mean / (sd / math.sqrt(3)):.2f}" in text and "lower on 3/3" in text
+    # The unpaired means differ by less than the seed spread, which a paired test is not fooled by.
+    spread = max(statistics.stdev([0.80, 0.70, 0.60]), statistics.stdev([0.85, 0.73, 0.64]))
+    assert f"unpaired: gap +0.040 vs seed std {spread:.3f}" in text and spread > 2 * mean
+    # A seed without a CAST run is not paired.
+    assert (
+        "paired over 3 seeds"
+        in tradeoff.paired_comparison(BASE, cast, other + _runs({3: 0.99}), "xstest_over_refusal")[1]
+    )
+
+
+@pytest.mark.parametrize(
+    ("other", "expected"),
+    [
+        ({0: 0.85, 1: 0.69, 2: 0.64}, "lower on 2/3"),  # one seed the other way: t = 1.03, not significant
+        ({0: 0.80, 1: 0.70, 2: 0.60}, "t = 0.00"),  # identical costs
+        ({0: 0.90}, "cannot tell with 1 paired seed"),
+    ],
+)
+def test_paired_comparison_refuses_weak_evidence(other, expected):
+    beats, text = tradeoff.paired_comparison(
+        BASE, _runs({0: 0.80, 1: 0.70, 2: 0.60}), _runs(other), "xstest_over_refusal"
+    )
+    assert not beats and expected in text
