@@ -19,9 +19,10 @@ evaluated with the same decoding and refusal classifier:
   WikiText-2 perplexity (utility).
 
 Resumable: every (regime, method, seed) writes ``RESULTS/runs/REGIME/METHOD__seedS.json`` (atomically) and is
-skipped when present; the map is ``RESULTS/map/`` and the pilot maps ``RESULTS/map_pilot/REGIME/``. ``RESULTS/settings.json`` pins the measurement settings, and a run
-with other settings into the same folder is refused. The report (``report.md``, ``pareto.png``, ``summary.json``)
-is rebuilt from whatever runs exist at the end of every invocation (or alone with ``--report-only``).
+skipped when present; the map is ``RESULTS/map/`` and the pilot maps ``RESULTS/map_pilot/REGIME/``.
+``RESULTS/settings.json`` pins the measurement settings, and a run with other settings into the same folder is refused.
+The report (``report.md``, ``pareto.png``, ``summary.json``) is rebuilt from whatever runs exist at the end of every
+invocation (or alone with ``--report-only``).
 
     .venv/bin/python benchmarks/tradeoff.py --quick --model PATH --results /tmp/t   # minutes; tests/test_tradeoff_quick
     .venv/bin/python benchmarks/tradeoff.py --profile reduced --seeds 0 --regimes mixed --methods base,lora,cast-10
@@ -511,7 +512,7 @@ def write_report(out: Path, settings: dict[str, Any], command: str) -> Path | No
     pilots = {regime: ConflictMap.load(pilot_map_folder(out, regime)) for regime in lib.REGIMES
               if (pilot_map_folder(out, regime) / "conflict_map.json").exists()}  # fmt: skip
     compute = base["eval_time_s"] + sum(r["train_time_s"] + r["eval_time_s"] for r in all_runs)
-    for m in [cmap, *pilots.values()] if cmap is not None else []:
+    for m in [m for m in (cmap, *pilots.values()) if m is not None]:
         compute += m.metadata.get("benchmark_diagnosis_time_s", 0) + m.metadata.get("benchmark_pilot_train_time_s", 0)
     mc_ok = [m for m in settings["mc_sets"] if base["summary"][f"mc_{m}_acc"] > lib.MC_CHANCE.get(m, 0) + 0.05]
     label = {"quick": "QUICK (smoke test, numbers meaningless)", "reduced": "REDUCED study",
