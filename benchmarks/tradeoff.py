@@ -358,7 +358,14 @@ def paired_comparison(base: dict, cast: list[dict], other: list[dict] | None, me
     if len(gaps) < 2:
         return False, f"cannot tell with {len(gaps)} paired seed(s) ({unpaired})"
     mean, std = stats(gaps)
-    t = mean / (std / math.sqrt(len(gaps))) if std > 0 else math.copysign(math.inf, mean) if mean else 0.0
+    # Rates are multiples of 1/n_prompts: a std below 1e-9 is float noise on identical gaps, i.e. zero.
+    t = (
+        mean / (std / math.sqrt(len(gaps)))
+        if std > 1e-9
+        else math.copysign(math.inf, mean)
+        if abs(mean) > 1e-9
+        else 0.0
+    )
     crit = T_CRIT_95.get(len(gaps) - 1, T_CRIT_95[9])  # beyond 9 degrees of freedom: the df=9 value (stricter)
     wins = sum(g > 0 for g in gaps)
     text = (f"paired over {len(gaps)} seeds: gap {mean:+.3f} ± {std:.3f}, lower on {wins}/{len(gaps)}, "
@@ -498,6 +505,34 @@ def plot_pareto(base: dict, runs: dict[str, dict[str, list[dict]]], path: Path) 
     plt.close(fig)
 
 
+def plot_seeds(runs: dict[str, dict[str, list[dict]]], path: Path) -> None:
+    """XSTest over-refusal of every run, one row per method and one marker per seed: where every method has the same
+    safety (the safety-only regime) the Pareto plot collapses onto one line, and this shows the paired differences."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 5.5), squeeze=False)
+    markers = {0: "o", 1: "s", 2: "^"}
+    for ax, (regime, by_method) in zip(axes[0], sorted(runs.items())):
+        names = list(by_method)
+        for row, name in enumerate(names):
+            for r in by_method[name]:
+                ax.scatter(r["summary"]["xstest_over_refusal"], row, marker=markers.get(r["seed"], "x"),
+                           color=f"C{r['seed'] % 10}", s=30)  # fmt: skip
+            ax.plot([stats([r["summary"]["xstest_over_refusal"] for r in by_method[name]])[0]] * 2,
+                    [row - 0.3, row + 0.3], color="k", lw=1.5)  # fmt: skip
+        ax.set_yticks(range(len(names)), names)
+        ax.invert_yaxis()
+        ax.set_xlabel("XSTest over-refusal (↓); markers: seeds 0 / 1 / 2, bar: mean")
+        ax.set_title(f"regime: {regime}")
+        ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_report(out: Path, settings: dict[str, Any], command: str) -> Path | None:
     """Rebuild ``report.md``, ``pareto.png`` and ``summary.json`` from the runs in ``out``."""
     base, runs = load_runs(out)
@@ -558,9 +593,10 @@ def write_report(out: Path, settings: dict[str, Any], command: str) -> Path | No
             )
             lines += ["", heading, "", note, ""] + pilot_analysis(cmap, pilots)
         lines += ["", "![conflict map](conflict_map.png)"]
-    lines += ["", "![pareto](pareto.png)", ""]
+    lines += ["", "![pareto](pareto.png)", "", "![XSTest over-refusal per seed](xstest_per_seed.png)", ""]
     if runs:
         plot_pareto(base, runs, out / "pareto.png")
+        plot_seeds(runs, out / "xstest_per_seed.png")
     summary = {regime: {m: {k: stats([r["summary"][k] for r in rs if k in r["summary"]])
                             for k in rs[0]["summary"]} for m, rs in by.items()} for regime, by in runs.items()}  # fmt: skip
     write_json(out / "summary.json", {"base": base["summary"], "runs": summary, "missing": missing})

@@ -54,7 +54,11 @@ def test_quick_study_runs_resumes_and_reports(tiny_model_dir: Path, tmp_path: Pa
     assert rows[1:] == [
         "lora", "pcgrad", "cast-10", "pilot-10", "random-10", "oc-10", "fs-10"
     ]  # fmt: skip
-    assert (results / "pareto.png").stat().st_size > 0 and (results / "conflict_map.png").exists()
+    assert (
+        (results / "pareto.png").stat().st_size > 0
+        and (results / "xstest_per_seed.png").stat().st_size > 0
+        and (results / "conflict_map.png").exists()
+    )
 
     cast = json.loads((results / "runs" / "safety" / "cast-10__seed0.json").read_text())
     assert cast["n_skipped"] == 1 and cast["command"].startswith("python benchmarks/tradeoff.py --quick")

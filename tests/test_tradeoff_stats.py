@@ -47,6 +47,7 @@ def test_paired_comparison_uses_per_seed_gaps():
         ({0: 0.85, 1: 0.69, 2: 0.64}, "lower on 2/3"),  # one seed the other way: t = 1.03, not significant
         ({0: 0.80, 1: 0.70, 2: 0.60}, "t = 0.00"),  # identical costs
         ({0: 0.90}, "cannot tell with 1 paired seed"),
+        ({0: 0.7 + 0.1, 1: 0.6 + 0.1, 2: 0.5 + 0.1}, "t = 0.00"),  # equal up to float rounding
     ],
 )
 def test_paired_comparison_refuses_weak_evidence(other, expected):
