@@ -359,13 +359,10 @@ def paired_comparison(base: dict, cast: list[dict], other: list[dict] | None, me
         return False, f"cannot tell with {len(gaps)} paired seed(s) ({unpaired})"
     mean, std = stats(gaps)
     # Rates are multiples of 1/n_prompts: a std below 1e-9 is float noise on identical gaps, i.e. zero.
-    t = (
-        mean / (std / math.sqrt(len(gaps)))
-        if std > 1e-9
-        else math.copysign(math.inf, mean)
-        if abs(mean) > 1e-9
-        else 0.0
-    )
+    if std > 1e-9:
+        t = mean / (std / math.sqrt(len(gaps)))
+    else:
+        t = math.copysign(math.inf, mean) if abs(mean) > 1e-9 else 0.0
     crit = T_CRIT_95.get(len(gaps) - 1, T_CRIT_95[9])  # beyond 9 degrees of freedom: the df=9 value (stricter)
     wins = sum(g > 0 for g in gaps)
     text = (f"paired over {len(gaps)} seeds: gap {mean:+.3f} ± {std:.3f}, lower on {wins}/{len(gaps)}, "
@@ -458,15 +455,14 @@ def map_analysis(cmap: ConflictMap, ratios: list[float]) -> list[str]:
 def pilot_analysis(cmap: ConflictMap, pilots: dict[str, ConflictMap]) -> list[str]:
     """Does the conflict appear during training? Each pilot map against the base map, on calibration data only."""
     lines = []
-    base_top = {(layer, h) for layer, hs in cmap.select(skip_ratio=0.1).items() for h in hs}
     for regime, pilot in sorted(pilots.items()):
-        top = {(layer, h) for layer, hs in pilot.select(skip_ratio=0.1).items() for h in hs}
-        info = pilot.metadata["benchmark_pilot"]
+        info, agreement = pilot.metadata["benchmark_pilot"], pilot.stability(cmap, skip_ratio=0.1)
+        n_top = sum(len(h) for h in pilot.select(skip_ratio=0.1).values())
         lines += conflict_summary(pilot, f"after the {regime} pilot LoRA (seed {info['seed']}, {info['steps']} steps, "
                                          "merged)")  # fmt: skip
-        lines += [f"Its 10% skip set shares {len(top & base_top)} of {len(top)} heads with the base map's; "
-                  f"Spearman(score, base score) = {spearman(pilot.score, cmap.score):.3f}, "
-                  f"Spearman(OC, base OC) = {spearman(pilot.oc, cmap.oc):.3f}.", ""]  # fmt: skip
+        lines += [f"Its 10% skip set shares {round(agreement['overlap'] * n_top)} of {n_top} heads with the base "
+                  f"map's; Spearman(score, base score) = {agreement['spearman_score']:.3f}, "
+                  f"Spearman(OC, base OC) = {agreement['spearman_oc']:.3f}.", ""]  # fmt: skip
     return lines
 
 
