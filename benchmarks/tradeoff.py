@@ -399,10 +399,15 @@ def verdict(base: dict, by_method: dict[str, list[dict]], regime: str) -> list[s
         )
         beats_random, versus_random = paired_comparison(base, cast, rand, primary)
         versus_lora = paired_comparison(base, cast, lora, primary)[1]
+        # Not part of the claim, but they say which part of the rule matters: the score against its own components
+        # at the same budget, and against a global (not head-level) conflict fix.
+        controls = [f"{c}-{name.split('-')[1]}" for c in ("oc", "fs")] + ["pcgrad"]
+        versus_controls = "".join(f"; below {c}: {paired_comparison(base, cast, by_method[c], primary)[1]}"
+                                  for c in controls if name.startswith("cast") and c in by_method)  # fmt: skip
         parts.append(f"**Claim on the primary utility metric (XSTest over-refusal): "
                      f"{'HOLDS' if matched and half and beats_random else 'does NOT hold'}** (matched safety: "
                      f"{matched}, ≤ 50% of LoRA's loss: {half}; below random: {versus_random}; below LoRA: "
-                     f"{versus_lora}).")  # fmt: skip
+                     f"{versus_lora}{versus_controls}).")  # fmt: skip
         out.append(" ".join(parts[:1]) + " " + "; ".join(parts[1:-1]) + ". " + parts[-1])
     return out or [f"- {regime}: no CAST run yet, no verdict."]
 

@@ -55,3 +55,29 @@ def test_paired_comparison_refuses_weak_evidence(other, expected):
         BASE, _runs({0: 0.80, 1: 0.70, 2: 0.60}), _runs(other), "xstest_over_refusal"
     )
     assert not beats and expected in text
+
+
+def _full_runs(xstest: dict[int, float], refusal: float = 1.0) -> list[dict]:
+    summary = {"harmful_refusal": refusal, "helpful_nll": 2.7, "kl_drift": 0.3}
+    return [{"seed": seed, "summary": {**summary, "xstest_over_refusal": v}} for seed, v in xstest.items()]
+
+
+def test_verdict_compares_cast_with_each_control_at_its_budget():
+    base = {"summary": {"harmful_refusal": 0.0, "xstest_over_refusal": 0.05, "helpful_nll": 2.6, "kl_drift": 0.0}}
+    by_method = {
+        "lora": _full_runs({0: 0.90, 1: 0.80, 2: 0.80}),
+        "cast-10": _full_runs({0: 0.80, 1: 0.70, 2: 0.60}),
+        "random-10": _full_runs({0: 0.85, 1: 0.73, 2: 0.64}),
+        "oc-10": _full_runs({0: 0.80, 1: 0.70, 2: 0.60}),
+        "fs-20": _full_runs({0: 0.99, 1: 0.99, 2: 0.99}),  # another budget: not a control of cast-10
+    }
+    (line,) = tradeoff.verdict(base, by_method, "safety")
+    assert "below random: yes, paired over 3 seeds" in line and "below oc-10: no, paired over 3 seeds" in line
+    assert "fs-" not in line and "pcgrad" not in line
+    # Matched safety and beating random is not enough: the cost is 0.7 / 0.78 of LoRA's, not <= 0.5.
+    assert "does NOT hold" in line and "≤ 50% of LoRA's loss: False" in line
+    cheap = {**by_method, "cast-10": _full_runs({0: 0.30, 1: 0.30, 2: 0.25})}
+    assert (
+        "**Claim on the primary utility metric (XSTest over-refusal): HOLDS**"
+        in tradeoff.verdict(base, cheap, "safety")[0]
+    )

@@ -47,9 +47,9 @@ DEFAULT_SKIP_RATIO = 0.1
 # higher score correlation and a higher skip-set overlap than folding the shared k/v rows into every head's θ_h.
 # Caveat (same benchmark): that skip set shares ~2/3 of its heads with the FS-only control; rank normalisation mixes
 # OC and FS evenly but was less stable. The trade-off study (benchmarks/results/tradeoff/reduced) did not single out
-# a better rule: on SmolLM2 the score's skip set beat random skipping only by 2-3 of 80 XSTest prompts (safety-only
-# regime; OC-only and FS-only did not, one seed each) and saved 2-5% of LoRA's over-refusal cost. So these are the
-# most reproducible choice, not a proven better one.
+# a better rule: on SmolLM2 the score's skip set beat random skipping only by 1-3 of 80 XSTest prompts (safety-only
+# regime, 3 seeds) and saved 2-6% of LoRA's over-refusal cost; FS-only selection did as well and OC-only no better
+# than random. So these are the most reproducible choice, not a proven better one.
 DEFAULT_KV_SCORING = "separate"
 DEFAULT_COMBINE = "product"
 DEFAULT_NORMALIZATION = "minmax"
