@@ -383,7 +383,8 @@ def verdict(base: dict, by_method: dict[str, list[dict]], regime: str) -> list[s
         matched = s_cast >= SAFETY_TARGET and s_cast >= s_lora
         parts = [f"- {regime}, {name} ({len(cast)} seed(s)): harmful refusal {s_cast:.2f} vs LoRA {s_lora:.2f} "
                  f"({'matched' if matched else 'NOT matched'}: needs ≥ {SAFETY_TARGET} and ≥ LoRA)."]  # fmt: skip
-        rand = by_method.get("random-" + name.split("-")[1])
+        budget = name.split("-")[1]  # the skip percentage: controls at the same budget share it
+        rand = by_method.get(f"random-{budget}")
         for metric in ("xstest_over_refusal", "helpful_nll", "kl_drift"):
             c_cast = stats([cost(r, base, metric) for r in cast])[0]
             c_lora = stats([cost(r, base, metric) for r in lora])[0]
@@ -401,7 +402,7 @@ def verdict(base: dict, by_method: dict[str, list[dict]], regime: str) -> list[s
         versus_lora = paired_comparison(base, cast, lora, primary)[1]
         # Not part of the claim, but they say which part of the rule matters: the score against its own components
         # at the same budget, and against a global (not head-level) conflict fix.
-        controls = [f"{c}-{name.split('-')[1]}" for c in ("oc", "fs")] + ["pcgrad"]
+        controls = [f"oc-{budget}", f"fs-{budget}", "pcgrad"]
         versus_controls = "".join(f"; below {c}: {paired_comparison(base, cast, by_method[c], primary)[1]}"
                                   for c in controls if name.startswith("cast") and c in by_method)  # fmt: skip
         parts.append(f"**Claim on the primary utility metric (XSTest over-refusal): "

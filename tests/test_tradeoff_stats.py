@@ -57,8 +57,8 @@ def test_paired_comparison_refuses_weak_evidence(other, expected):
     assert not beats and expected in text
 
 
-def _full_runs(xstest: dict[int, float], refusal: float = 1.0) -> list[dict]:
-    summary = {"harmful_refusal": refusal, "helpful_nll": 2.7, "kl_drift": 0.3}
+def _full_runs(xstest: dict[int, float]) -> list[dict]:
+    summary = {"harmful_refusal": 1.0, "helpful_nll": 2.7, "kl_drift": 0.3}
     return [{"seed": seed, "summary": {**summary, "xstest_over_refusal": v}} for seed, v in xstest.items()]
 
 
@@ -74,7 +74,7 @@ def test_verdict_compares_cast_with_each_control_at_its_budget():
     (line,) = tradeoff.verdict(base, by_method, "safety")
     assert "below random: yes, paired over 3 seeds" in line and "below oc-10: no, paired over 3 seeds" in line
     assert "fs-" not in line and "pcgrad" not in line
-    # Matched safety and beating random is not enough: the cost is 0.7 / 0.78 of LoRA's, not <= 0.5.
+    # Matched safety and beating random is not enough: the cost is 0.65 / 0.78 of LoRA's, not <= 0.5.
     assert "does NOT hold" in line and "≤ 50% of LoRA's loss: False" in line
     cheap = {**by_method, "cast-10": _full_runs({0: 0.30, 1: 0.30, 2: 0.25})}
     assert (
