@@ -9,8 +9,7 @@ import pytest
 import torch
 from models import build_tiny_model
 
-from cast_peft import CASTLoraConfig
-from cast_peft.config import CastWarning
+from cast_peft import CASTLoraConfig, CastWarning
 from cast_peft.conflict_map import (
     META_FILE,
     TENSORS_FILE,

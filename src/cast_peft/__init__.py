@@ -11,10 +11,23 @@ a LoRA adapter that leaves those heads untouched::
 
 __version__ = "0.1.0"
 
-from .config import CASTLoraConfig, CastWarning  # noqa: E402
+from ._core.errors import (  # noqa: E402
+    AdapterError,
+    CastError,
+    CastWarning,
+    ConfigError,
+    ConflictMapError,
+    DataError,
+    DiagnosisError,
+    FrozenHeadsError,
+    ModelLoadError,
+    OutputError,
+    UnsupportedArchitectureError,
+)
+from .config import CASTLoraConfig  # noqa: E402
 from .conflict_map import ConflictMap  # noqa: E402
 from .diagnosis import diagnose  # noqa: E402
-from .geometry import LAYOUTS, AttentionGeometry, UnsupportedArchitectureError  # noqa: E402
+from .geometry import LAYOUTS, AttentionGeometry  # noqa: E402
 from .layers import HeadMaskedLinear  # noqa: E402
 from .utils import count_effective_parameters, verify_frozen_heads  # noqa: E402
 
@@ -26,7 +39,16 @@ __all__ = [
     "diagnose",
     "LAYOUTS",
     "AttentionGeometry",
+    "CastError",
+    "ConfigError",
     "UnsupportedArchitectureError",
+    "DataError",
+    "ConflictMapError",
+    "DiagnosisError",
+    "AdapterError",
+    "ModelLoadError",
+    "OutputError",
+    "FrozenHeadsError",
     "HeadMaskedLinear",
     "count_effective_parameters",
     "verify_frozen_heads",

@@ -31,10 +31,6 @@ _CAST_FIELDS = ("skip_heads", "skip_kv_heads", "kv_head_policy", "attention_geom
 _ALLOWED_INITS = (True, False, "gaussian")
 
 
-class CastWarning(UserWarning):
-    """Warnings issued by cast-peft (filter them like peft's `PeftWarning`)."""
-
-
 def normalize_head_map(value: Any, name: str = "skip_heads") -> dict[int, list[int]]:
     """Turn ``{layer: [heads]}`` (JSON text, string keys, tuples, sets) into ``{int: sorted unique ints}``."""
     if value is None:

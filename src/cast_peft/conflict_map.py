@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from ._core.errors import ConflictMapError
 from ._io import atomic_write, atomic_write_text
 from .geometry import AttentionGeometry, HeadCounts
 
@@ -54,10 +55,6 @@ DEFAULT_KV_SCORING = "separate"
 DEFAULT_COMBINE = "product"
 DEFAULT_NORMALIZATION = "minmax"
 _ROLES = ("q", "k", "v", "o")
-
-
-class ConflictMapError(ValueError):
-    """A conflict map that cannot be used: corrupt, partial, foreign or made for another model."""
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
@@ -306,7 +303,7 @@ class ConflictMap:
             from .models import model_identity
 
             if model_identity(model)["config_sha256"] != made_for:
-                from .config import CastWarning
+                from ._core.errors import CastWarning
 
                 warnings.warn(
                     "The model's config differs from the one the map was made for (same head geometry). If it is "

@@ -15,14 +15,12 @@ from typing import Any, Literal
 
 import torch
 
+from ._core.errors import DataError
+
 
 IGNORE_INDEX = -100
 FALLBACK_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
 _FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".txt")
-
-
-class DataError(ValueError):
-    """Raised for empty, malformed or incomplete data."""
 
 
 # ----------------------------------------------------------------------------------------------------------- readers

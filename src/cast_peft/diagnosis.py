@@ -47,6 +47,7 @@ from torch import nn
 
 from ._ablation import IGNORE_INDEX, ablated_losses, ablation_units, row_losses
 from ._calibration import DEFAULT_CALIBRATION_SIZE, check_batch, digest, prepare_batches
+from ._core.errors import DiagnosisError
 from ._head_grads import (
     GradAccumulator,
     HookSession,
@@ -74,10 +75,6 @@ logger = logging.getLogger(__name__)
 SENSITIVITIES = ("taylor", "ablation")
 ACCUMULATIONS = ("auto", "exact", "sketch")
 OBJECTIVES = ("safety", "utility")
-
-
-class DiagnosisError(RuntimeError):
-    """The diagnosis could not produce a valid map (non-finite loss or gradient, missing data)."""
 
 
 def diagnose(

@@ -23,6 +23,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ._core.errors import UnsupportedArchitectureError
+
 
 Role = Literal["q", "k", "v", "o"]
 ROLES: tuple[Role, ...] = ("q", "k", "v", "o")
@@ -78,10 +80,6 @@ _HOW_TO_ADD = (
     "To add an architecture, add one `AttentionLayout` entry to `cast_peft.geometry.LAYOUTS` (the attention block's "
     "path regex, its projections and their roles) and a tiny test model to `tests/models.py`."
 )
-
-
-class UnsupportedArchitectureError(ValueError):
-    """The model's attention layout is not one CAST knows; CAST refuses to guess."""
 
 
 @dataclass(frozen=True)

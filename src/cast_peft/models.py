@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from ._core.errors import ModelLoadError
+
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _MARKER = ".cast_peft_complete.json"
@@ -56,7 +58,7 @@ _SMOLLM2 = _EmbeddedModel(
 )
 
 
-class DefaultModelUnavailableError(RuntimeError):
+class DefaultModelUnavailableError(ModelLoadError):
     """The GGUF of the embedded default could not be found or downloaded."""
 
 
