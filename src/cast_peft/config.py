@@ -26,7 +26,7 @@ from .geometry import AttentionGeometry, HeadCounts, Role
 
 CAST_CONFIG_NAME = "cast_config.json"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
-_CAST_FIELDS = ("skip_heads", "skip_kv_heads", "kv_head_policy", "attention_geometry")
+_CAST_FIELDS = ("skip_heads", "skip_kv_heads", "kv_head_policy", "attention_geometry", "source_map")
 # Inits that write a non-zero B or rewrite the base weight, so frozen heads would change (see notes/peft-design §3.4).
 _ALLOWED_INITS = (True, False, "gaussian")
 
@@ -89,6 +89,8 @@ class CASTLoraConfig(LoraConfig):
         attention_geometry (`dict`, *optional*):
             Model type and head counts; filled by ``get_peft_model`` (or ``from_conflict_map``) and checked against
             every model the config is applied to, so a skip set is never applied to a model it was not made for.
+        source_map (`dict`, *optional*):
+            The conflict map's model identity and prompt format, filled by ``from_conflict_map``.
 
     All `LoraConfig` arguments apply. ``target_modules`` defaults to all attention projections (q, k, v, o or their
     fused equivalents). DoRA, ``lora_bias``, ``target_parameters`` and inits that change B or the base weight
@@ -107,6 +109,13 @@ class CASTLoraConfig(LoraConfig):
     )
     attention_geometry: dict[str, Any] | None = field(
         default=None, metadata={"help": "Model type and head counts the skip set refers to (filled automatically)."}
+    )
+    source_map: dict[str, Any] | None = field(
+        default=None,
+        metadata={
+            "help": "Where the skip set came from: the conflict map's model identity and prompt format (filled by "
+            "from_conflict_map; used to warn when the adapter meets another checkpoint or data format)."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -244,7 +253,8 @@ class CASTLoraConfig(LoraConfig):
         skip = conflict_map.select(skip_ratio=skip_ratio, skip_k=skip_k, threshold=threshold, policy=policy, seed=seed)
         if kv_skip_ratio is not None:
             lora_kwargs["skip_kv_heads"] = conflict_map.select_kv(skip_ratio=kv_skip_ratio, policy=policy, seed=seed)
-        return cls(skip_heads=skip, attention_geometry=conflict_map.counts.to_dict(), **lora_kwargs)
+        source = {key: conflict_map.metadata.get(key) for key in ("model", "prompt_format")}
+        return cls(skip_heads=skip, attention_geometry=conflict_map.counts.to_dict(), source_map=source, **lora_kwargs)
 
     # --------------------------------------------------------------------------------------------- save / load
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
