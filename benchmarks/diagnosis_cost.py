@@ -75,7 +75,7 @@ def _batches(tokenizer, examples: int, max_length: int, batch_size: int = 8):
 
 
 def _plain(model, geometry, batch_sets, attention_only: bool) -> None:
-    from cast_peft._ablation import row_losses
+    from cast_peft.diagnosis.ablation import row_losses
 
     model.eval()
     modules = dict(model.named_modules())
@@ -95,8 +95,8 @@ def _plain(model, geometry, batch_sets, attention_only: bool) -> None:
 
 def _sketched_map(run, k: int, seed: int):
     """The map the sketch path would give with width k: the exact blocks times the same seeded matrices."""
-    from cast_peft._head_grads import _Sketch
     from cast_peft.conflict_map import ConflictMap
+    from cast_peft.diagnosis.hooks import _Sketch
 
     sketch, counts = _Sketch(k, seed), run.geometry.counts
     stats = {role: torch.zeros(counts.num_layers, run.geometry.units(role), 3, dtype=torch.float64) for role in "qkvo"}

@@ -54,12 +54,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _tradeoff_lib as lib  # noqa: E402
 
 import cast_peft  # noqa: E402
-from cast_peft._io import atomic_write_text  # noqa: E402
-from cast_peft.config import CASTLoraConfig, matching_lora_config  # noqa: E402
+from cast_peft._core.io import atomic_write_text  # noqa: E402
 from cast_peft.conflict_map import ConflictMap, spearman  # noqa: E402
 from cast_peft.diagnosis import diagnose  # noqa: E402
 from cast_peft.models import DEFAULT_MODEL, load_model  # noqa: E402
 from cast_peft.training import train_adapter  # noqa: E402
+from cast_peft.tuner.config import CASTLoraConfig, matching_lora_config  # noqa: E402
 
 
 ROOT = Path(__file__).resolve().parent / "results" / "tradeoff"

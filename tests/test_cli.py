@@ -76,7 +76,7 @@ def test_adapter_from_another_model_is_refused(tiny_dir, tmp_path):
     build_tiny_tokenizer().save_pretrained(other)
     assert main(["train", "--model", str(other), "--steps", "1", "--max-length", "32",
                  "--output", str(tmp_path / "t")]) == 0  # fmt: skip
-    from cast_peft.config import CASTLoraConfig
+    from cast_peft.tuner.config import CASTLoraConfig
 
     # A plain-LoRA adapter carries no head geometry; write a CAST one for the qwen3 model and apply it to llama.
     config = CASTLoraConfig(r=2, skip_heads={0: [1]}, attention_geometry=_counts(other))

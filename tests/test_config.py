@@ -108,7 +108,7 @@ def test_corrupt_cast_config_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_matching_lora_config_targets_the_same_modules_as_cast(arch):
-    from cast_peft.config import matching_lora_config
+    from cast_peft.tuner.config import matching_lora_config
 
     lora = get_peft_model(build_tiny_model(arch), matching_lora_config(build_tiny_model(arch), r=4))
     cast = get_peft_model(build_tiny_model(arch), CASTLoraConfig(r=4, skip_heads={0: [1]}))

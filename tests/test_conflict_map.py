@@ -11,8 +11,6 @@ from models import build_tiny_model
 
 from cast_peft import CASTLoraConfig, CastWarning
 from cast_peft.conflict_map import (
-    META_FILE,
-    TENSORS_FILE,
     ConflictMap,
     ConflictMapError,
     combine_scores,
@@ -20,6 +18,7 @@ from cast_peft.conflict_map import (
     rank01,
     spearman,
 )
+from cast_peft.conflict_map.map import META_FILE, TENSORS_FILE
 from cast_peft.geometry import AttentionGeometry, HeadCounts
 
 

@@ -9,9 +9,8 @@ a LoRA adapter that leaves those heads untouched::
     peft_model = get_peft_model(model, CASTLoraConfig(r=8, skip_heads={3: [0, 5]}))
 """
 
-__version__ = "0.1.0"
-
-from ._core.errors import (  # noqa: E402
+from ._core import __version__
+from ._core.errors import (
     AdapterError,
     CastError,
     CastWarning,
@@ -24,12 +23,10 @@ from ._core.errors import (  # noqa: E402
     OutputError,
     UnsupportedArchitectureError,
 )
-from .config import CASTLoraConfig  # noqa: E402
-from .conflict_map import ConflictMap  # noqa: E402
-from .diagnosis import diagnose  # noqa: E402
-from .geometry import LAYOUTS, AttentionGeometry  # noqa: E402
-from .layers import HeadMaskedLinear  # noqa: E402
-from .utils import count_effective_parameters, verify_frozen_heads  # noqa: E402
+from .conflict_map import ConflictMap
+from .diagnosis import diagnose
+from .geometry import LAYOUTS, AttentionGeometry
+from .tuner import CASTLoraConfig, HeadMaskedLinear, count_effective_parameters, verify_frozen_heads
 
 
 __all__ = [

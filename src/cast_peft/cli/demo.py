@@ -24,12 +24,12 @@ def run_demo(out: Path, *, model_name: str | None = None, quick: bool = False, s
              skip_ratio: float = 0.1, seed: int = 0, safety_only: bool = False,
              final_dir: Path | None = None) -> dict[str, Any]:  # fmt: skip
     """Run the demo into ``out`` and return the summary rows (also written to ``out/results.json``)."""
-    from .cli import evaluate_model, summary_row
-    from .config import CASTLoraConfig, matching_lora_config
-    from .data import starter_set
-    from .diagnosis import diagnose
-    from .models import load_model
-    from .training import train_adapter
+    from ..data import starter_set
+    from ..diagnosis.run import diagnose
+    from ..evaluation.suite import evaluate_model, summary_row
+    from ..models import load_model
+    from ..training import train_adapter
+    from ..tuner.config import CASTLoraConfig, matching_lora_config
 
     started = time.time()
     steps = steps or (3 if quick else 30)

@@ -45,19 +45,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._ablation import IGNORE_INDEX, ablated_losses, ablation_units, row_losses
-from ._calibration import DEFAULT_CALIBRATION_SIZE, check_batch, digest, prepare_batches
-from ._core.errors import DiagnosisError
-from ._head_grads import (
-    GradAccumulator,
-    HookSession,
-    TaylorAccumulator,
-    exact_bytes,
-    hooked_projections,
-    sketch_bytes,
-    unit_stats,
-)
-from .conflict_map import (
+from .._core.errors import DiagnosisError
+from ..conflict_map.map import (
     COMBINES,
     DEFAULT_COMBINE,
     DEFAULT_KV_SCORING,
@@ -66,8 +55,19 @@ from .conflict_map import (
     NORMALIZATIONS,
     ConflictMap,
 )
-from .geometry import AttentionGeometry
-from .models import check_cpu_4bit_layout
+from ..geometry import AttentionGeometry
+from ..models import check_cpu_4bit_layout
+from .ablation import IGNORE_INDEX, ablated_losses, ablation_units, row_losses
+from .calibration import DEFAULT_CALIBRATION_SIZE, check_batch, digest, prepare_batches
+from .hooks import (
+    GradAccumulator,
+    HookSession,
+    TaylorAccumulator,
+    exact_bytes,
+    hooked_projections,
+    sketch_bytes,
+    unit_stats,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -391,7 +391,7 @@ class Diagnosis:
         _all_reduce_(self.ablated)
 
     def _metadata(self) -> dict[str, Any]:
-        from .models import model_identity
+        from ..models import model_identity
 
         data = {}
         for objective in OBJECTIVES:

@@ -72,9 +72,8 @@ class CastLayerMixin:
 
     def install_head_mask(self, adapter_name: str, config: Any, target_name: str) -> None:
         """Swap the head-facing LoRA factor of ``adapter_name`` for a masked one (no-op for plain LoRA configs)."""
-        from .config import CASTLoraConfig
-
-        if not isinstance(config, CASTLoraConfig):
+        # Duck-typed so that layers need not import the config (the config registers these layers with peft).
+        if not callable(getattr(config, "feature_mask", None)):
             return  # a plain LoRA adapter on the same module: no mask
         spec = config.feature_mask(target_name)
         if spec is None:

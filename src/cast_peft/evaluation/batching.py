@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .data import format_chat
+from ..data import format_chat
 
 
 def prompt_text(tokenizer: Any, prompt: str) -> str:

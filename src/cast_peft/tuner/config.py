@@ -20,8 +20,8 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraModel
 from torch import nn
 
-from ._io import atomic_write_text
-from .geometry import AttentionGeometry, HeadCounts, Role
+from .._core.io import atomic_write_text
+from ..geometry import AttentionGeometry, HeadCounts, Role
 
 
 CAST_CONFIG_NAME = "cast_config.json"
@@ -269,7 +269,7 @@ class CASTLoraConfig(LoraConfig):
         auto_mapping = kwargs.pop("auto_mapping_dict", None)
         if auto_mapping is not None:
             lora_dict["auto_mapping"] = auto_mapping
-        from . import __version__
+        from .._core import __version__
 
         cast_dict["cast_peft_version"] = __version__
         atomic_write_text(save_directory / ADAPTER_CONFIG_NAME, json.dumps(lora_dict, indent=2, sort_keys=True))

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ._ablation import IGNORE_INDEX
+from .ablation import IGNORE_INDEX
 
 
 #: Calibration examples per objective recommended for a stable map. benchmarks/map_stability.py (SmolLM2-135M, CPU,
@@ -38,7 +38,7 @@ def prepare_batches(data: Any, tokenizer: Any, batch_size: int, max_length: int,
         return rows
     if tokenizer is None:
         raise ValueError(f"The {what} data are examples, so diagnose() needs the model's tokenizer.")
-    from .data import make_batches
+    from ..data import make_batches
 
     return make_batches(tokenizer, rows, batch_size=batch_size, max_length=max_length)
 

@@ -7,11 +7,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._io import atomic_write
+from .._core.io import atomic_write
 
 
 if TYPE_CHECKING:
-    from .conflict_map import ConflictMap
+    from .map import ConflictMap
 
 
 def plot_map(cmap: ConflictMap, path: Path, skip: Mapping[int, list[int]]) -> Path:

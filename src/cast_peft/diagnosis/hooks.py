@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .geometry import AttentionGeometry, Role, _feature_counts, name_is_input_side
+from ..geometry import AttentionGeometry, Role, _feature_counts, name_is_input_side
 
 
 @dataclass(frozen=True)

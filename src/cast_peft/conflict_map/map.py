@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
-from ._core.errors import ConflictMapError
-from ._io import atomic_write, atomic_write_text
-from .geometry import AttentionGeometry, HeadCounts
+from .._core.errors import ConflictMapError
+from .._core.io import atomic_write, atomic_write_text
+from ..geometry import AttentionGeometry, HeadCounts
 
 
 FORMAT = "cast-peft/conflict-map"
@@ -300,10 +300,10 @@ class ConflictMap:
             )
         made_for = self.metadata.get("model", {}).get("config_sha256")
         if made_for:
-            from .models import model_identity
+            from ..models import model_identity
 
             if model_identity(model)["config_sha256"] != made_for:
-                from ._core.errors import CastWarning
+                from .._core.errors import CastWarning
 
                 warnings.warn(
                     "The model's config differs from the one the map was made for (same head geometry). If it is "
@@ -340,7 +340,7 @@ class ConflictMap:
         ``skip`` marks a given skip set; otherwise ``select(skip_ratio=...)`` (``None``: mark nothing). The format
         follows the file suffix (png, pdf, svg); written atomically. Returns the path.
         """
-        from ._map_plot import plot_map
+        from .plot import plot_map
 
         if skip is None:
             skip = {} if skip_ratio is None else self.select(skip_ratio=skip_ratio)

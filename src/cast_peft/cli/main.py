@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .models import DEFAULT_MODEL
+from ..models import DEFAULT_MODEL
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
@@ -41,34 +41,34 @@ def run_folder(output: str | Path, overwrite: bool) -> Iterator[Path]:
 
 def load_examples(source: str, kind: str, split: str, limit: int | None = None) -> list[dict]:
     """``starter`` (the built-in set of ``kind``) or a JSONL/CSV/JSON file / hub dataset of prompt-response pairs."""
-    from .data import load_pairs, starter_set
+    from ..data import load_pairs, starter_set
 
     rows = starter_set(kind, split) if source == "starter" else load_pairs(source)
     return rows[:limit] if limit else rows
 
 
 def load_prompts(source: str, kind: str, split: str, limit: int | None = None) -> list[str]:
-    from .data import load_pairs, starter_set
+    from ..data import load_pairs, starter_set
 
     rows = starter_set(kind, split) if source == "starter" else load_pairs(source, response_column=None)
     return [row["prompt"] for row in rows][:limit] if limit else [row["prompt"] for row in rows]
 
 
 def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
-    from .models import load_model
+    from ..models import load_model
 
     return load_model(args.model, load_in_4bit=getattr(args, "load_in_4bit", False))
 
 
 def _write_json(path: Path, data: Any) -> None:
-    from ._io import atomic_write_text
+    from .._core.io import atomic_write_text
 
     atomic_write_text(path, json.dumps(data, indent=2, default=str))
 
 
 # ----------------------------------------------------------------------------------------------------- commands
 def cmd_diagnose(args: argparse.Namespace) -> None:
-    from .diagnosis import diagnose
+    from ..diagnosis.run import diagnose
 
     model, tokenizer = _load_model(args)
     safety = load_examples(args.safety, "safety", "train", args.n_calibration)
@@ -84,9 +84,9 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .config import CASTLoraConfig, matching_lora_config
-    from .conflict_map import ConflictMap
-    from .training import train_adapter
+    from ..conflict_map.map import ConflictMap
+    from ..training import train_adapter
+    from ..tuner.config import CASTLoraConfig, matching_lora_config
 
     model, tokenizer = _load_model(args)
     data = load_examples(args.data, "safety", "train")
@@ -107,32 +107,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"Adapter written to {Path(args.output) / 'adapter'}")
 
 
-def evaluate_model(model: Any, tokenizer: Any, harmful: list[str], safe: list[str], helpful: list[dict], *,
-                   max_new_tokens: int, batch_size: int, reference: Any = None) -> dict[str, Any]:  # fmt: skip
-    """The demo's metrics: refusal on harmful prompts, over-refusal on safe ones, helpfulness NLL, KL drift."""
-    from . import evaluation as ev
-
-    results = {
-        "harmful_refusal": ev.refusal_rate(model, tokenizer, harmful, max_new_tokens, batch_size),
-        "safe_over_refusal": ev.over_refusal_rate(model, tokenizer, safe, max_new_tokens, batch_size),
-        "helpful_nll": ev.response_nll(model, tokenizer, helpful, batch_size=batch_size),
-    }
-    if reference is not None or hasattr(model, "disable_adapter"):
-        results["kl_drift"] = ev.kl_drift(model, reference, tokenizer, safe, batch_size=batch_size)
-    return results
-
-
-def summary_row(results: dict[str, Any]) -> dict[str, float]:
-    return {
-        "harmful_refusal": results["harmful_refusal"]["refusal_rate"],
-        "safe_over_refusal": results["safe_over_refusal"]["over_refusal_rate"],
-        "helpful_nll": results["helpful_nll"]["nll"],
-        "kl_drift": results.get("kl_drift", {}).get("kl", 0.0),
-    }
-
-
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from peft import PeftModel
+
+    from ..evaluation.suite import evaluate_model, summary_row
 
     model, tokenizer = _load_model(args)
     if args.adapter:
@@ -155,7 +133,7 @@ def _check_adapter_base(adapter: str, model: Any) -> None:
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise SystemExit(f"error: {adapter} has no adapter_config.json; pass the adapter folder (…/adapter).")
     if cast_file.is_file():
-        from .geometry import AttentionGeometry
+        from ..geometry import AttentionGeometry
 
         recorded = json.loads(cast_file.read_text()).get("attention_geometry")
         actual = AttentionGeometry.from_model(model).counts.to_dict()
@@ -167,7 +145,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
     import torch
     from peft import PeftModel
 
-    from .models import load_model
+    from ..models import load_model
 
     model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
     _check_adapter_base(args.adapter, model)

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ._lm_batches import (
+from ..data import data_dir
+from .batching import (
     batches,
     chat_split,
     continuation_logprobs,
@@ -42,7 +43,6 @@ from ._lm_batches import (
     prompt_ids,
     split_encode,
 )
-from .data import data_dir
 
 
 __all__ = [

@@ -1,0 +1,8 @@
+"""The diagnosis: per-head safety/utility gradients and functional sensitivity, giving a `ConflictMap`."""
+
+from .._core.errors import DiagnosisError
+from .calibration import DEFAULT_CALIBRATION_SIZE
+from .run import ACCUMULATIONS, SENSITIVITIES, Diagnosis, diagnose
+
+
+__all__ = ["ACCUMULATIONS", "DEFAULT_CALIBRATION_SIZE", "SENSITIVITIES", "Diagnosis", "DiagnosisError", "diagnose"]
