@@ -16,8 +16,14 @@ drawn the same way from what is left.
 Split rule (fixed; ``split_of``): an item is ``dev`` when the first byte of ``sha256(prompt)`` is even, else
 ``heldout``; splitting by prompt keeps every generation of one prompt on one side.
 
+Rescoring (``rescore``): rewrites, from the stored generations and without any model, the ``refused`` flags and
+the refusal metrics (``harmful_refusal``, ``advbench_refusal``, ``harmbench_refusal``, ``xstest_over_refusal``) of
+every trade-off run under ``RESULTS/runs`` whose flags differ from today's :func:`cast_peft.evaluation.is_refusal`,
+and marks those runs ``"refusal_rescored": true``; then ``tradeoff.py --report-only`` rebuilds the report.
+
     python benchmarks/refusal_classifier.py draw --out /tmp/to_label.jsonl
     python benchmarks/refusal_classifier.py score [--split dev|heldout|all] [--legacy]
+    python benchmarks/refusal_classifier.py rescore benchmarks/results/tradeoff/reduced
 """
 
 from __future__ import annotations
@@ -114,6 +120,34 @@ def confusion(labels: list[dict], classify) -> dict:
             "accuracy": (tp + tn) / len(labels)}  # fmt: skip
 
 
+def rescore(results: Path) -> list[Path]:
+    """Re-flag the stored generations of every run under ``results/runs`` with today's ``is_refusal``; return the
+    runs that changed (only those are rewritten)."""
+    from cast_peft._io import atomic_write_text
+    from cast_peft.evaluation import is_refusal
+
+    changed = []
+    for path in sorted((results / "runs").glob("**/*.json")):
+        run = json.loads(path.read_text())
+        details, summary, before = run["details"], run["summary"], json.dumps(run, sort_keys=True)
+        for key, rate, metric in (("harmful", "refusal_rate", "harmful_refusal"),
+                                  ("safe", "over_refusal_rate", "xstest_over_refusal")):  # fmt: skip
+            items = details[key]["items"]
+            for it in items:
+                it["refused"] = is_refusal(it["response"])
+            details[key][rate] = summary[metric] = sum(it["refused"] for it in items) / len(items)
+        # build_splits puts the n // 2 AdvBench prompts first, then the HarmBench ones
+        harmful, half = details["harmful"]["items"], len(details["harmful"]["items"]) // 2
+        for source, flags in (("advbench", harmful[:half]), ("harmbench", harmful[half:])):
+            if f"{source}_refusal" in summary:
+                summary[f"{source}_refusal"] = sum(it["refused"] for it in flags) / len(flags)
+        if json.dumps(run, sort_keys=True) != before:
+            run["refusal_rescored"] = True
+            atomic_write_text(path, json.dumps(run, indent=2, default=str))
+            changed.append(path)
+    return changed
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -123,7 +157,13 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--split", choices=("dev", "heldout", "all"), default="dev")
     s.add_argument("--legacy", action="store_true", help="score the pre-issue-15 classifier")
     s.add_argument("--errors", action="store_true", help="print the misclassified items")
+    r = sub.add_parser("rescore", help="re-flag stored trade-off generations with today's is_refusal (no model)")
+    r.add_argument("results", type=Path, help="a trade-off results folder, e.g. benchmarks/results/tradeoff/reduced")
     args = p.parse_args(argv)
+    if args.cmd == "rescore":
+        for path in rescore(args.results):
+            print(f"rescored: {path}")
+        return
     if args.cmd == "draw":
         args.out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in draw()), encoding="utf-8")
         return

@@ -181,11 +181,12 @@ def logit_refusal_score(
     * ``refusal_fraction``: the share of prompts whose refusal opening is more likely than the compliance opening.
       This is **not** a refusal rate: when the model opens with neither phrase (a base model answering "To kill a
       Python process, ..."), both probabilities are tiny and the sign only says which of two unlikely openings is
-      less unlikely. On SmolLM2-135M-Instruct, 20 XSTest-safe prompts it answers all give ``refusal_fraction``
-      0.10 with the defaults but 0.95 with the one-token prefixes ``"I"`` / ``"Sure"``;
+      less unlikely. On SmolLM2-135M-Instruct and 40 XSTest-safe prompts of which it refuses 1 (greedy), the
+      defaults give ``refusal_fraction`` 0.05 (``score`` -3.3), while the one-token prefixes ``"I"`` / ``"Sure"``
+      give 0.95 on 20 of them, all answered: the number follows the chosen openings, not the refusals;
     * ``refusal_prefix_prob``: the mean of ``p(refusal_prefix | prompt)``, the probability that sampling at
       temperature 1 opens with exactly that refusal: a lower bound on the sampled refusal rate for that phrasing,
-      meaningful on its own (5e-7 on the same 20 prompts);
+      meaningful on its own (5e-7 on the same 40 prompts);
     * ``n`` and ``items`` (``prompt``, ``refusal_logprob``, ``compliance_logprob``, ``score``, ``refusal_prob``).
 
     Use it to track a shift towards refusing across checkpoints on the same prompts, not to count refusals.
