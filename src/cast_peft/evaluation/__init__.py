@@ -1,7 +1,7 @@
 """Offline evaluation: refusal, over-refusal, perplexity, response NLL, multiple choice, KL drift, and the suite."""
 
 from .metrics import (
-    REFUSAL_MARKERS,
+    REFUSAL_OPENERS,
     generate_responses,
     is_refusal,
     kl_drift,
@@ -17,7 +17,7 @@ from .suite import evaluate_model, summary_row
 
 
 __all__ = [
-    "REFUSAL_MARKERS", "is_refusal", "generate_responses", "refusal_rate", "over_refusal_rate", "logit_refusal_score",
+    "REFUSAL_OPENERS", "is_refusal", "generate_responses", "refusal_rate", "over_refusal_rate", "logit_refusal_score",
     "perplexity", "response_nll", "multiple_choice_accuracy", "kl_drift", "load_mc_items", "evaluate_model",
     "summary_row",
 ]  # fmt: skip
