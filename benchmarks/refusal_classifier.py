@@ -123,7 +123,7 @@ def confusion(labels: list[dict], classify) -> dict:
 def rescore(results: Path) -> list[Path]:
     """Re-flag the stored generations of every run under ``results/runs`` with today's ``is_refusal``; return the
     runs that changed (only those are rewritten)."""
-    from cast_peft._io import atomic_write_text
+    from cast_peft._core.io import atomic_write_text
     from cast_peft.evaluation import is_refusal
 
     changed = []
