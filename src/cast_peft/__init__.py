@@ -29,7 +29,7 @@ from .conflict_map import ConflictMap  # noqa: E402
 from .diagnosis import diagnose  # noqa: E402
 from .geometry import LAYOUTS, AttentionGeometry  # noqa: E402
 from .layers import HeadMaskedLinear  # noqa: E402
-from .utils import count_effective_parameters, verify_frozen_heads  # noqa: E402
+from .utils import count_effective_parameters, describe_frozen, verify_frozen_heads  # noqa: E402
 
 
 __all__ = [
@@ -51,6 +51,7 @@ __all__ = [
     "FrozenHeadsError",
     "HeadMaskedLinear",
     "count_effective_parameters",
+    "describe_frozen",
     "verify_frozen_heads",
     "__version__",
 ]
