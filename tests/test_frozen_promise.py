@@ -183,6 +183,39 @@ def test_trainer_resuming_a_reopened_checkpoint_keeps_skipped_heads_frozen(cast_
     verify_frozen_heads(resumed.model, reference=build_tiny_model("llama"))
 
 
+@pytest.mark.parametrize("reopen", [False, True], ids=["peft_config", "reopened-checkpoint"])
+def test_trl_sft_resume_keeps_skipped_heads_frozen(tmp_path, reopen):
+    trl = pytest.importorskip("trl", reason="the `trl` extra is installed in CI; pip install cast-peft[trl]")
+    from datasets import Dataset
+    from models import build_tiny_tokenizer
+
+    from cast_peft.data import starter_set
+
+    pairs = starter_set("safety")[:8]
+    dataset = Dataset.from_list([{"prompt": ex["prompt"], "completion": ex["response"]} for ex in pairs])
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path), max_steps=4, save_steps=2, per_device_train_batch_size=4, learning_rate=5e-2,
+        report_to="none", use_cpu=True, max_length=48, disable_tqdm=True,
+    )  # fmt: skip
+
+    def trainer(model, peft_config=None):
+        return trl.SFTTrainer(
+            model=model, args=args, train_dataset=dataset, processing_class=build_tiny_tokenizer(),
+            peft_config=peft_config,
+        )  # fmt: skip
+
+    trainer(build_tiny_model("llama"), CASTLoraConfig(r=4, skip_heads=SKIP, init_lora_weights="gaussian")).train()
+    checkpoint = tmp_path / "checkpoint-2"
+    if reopen:  # SFTTrainer(model=PeftModel.from_pretrained(base, checkpoint, is_trainable=True))
+        resumed = trainer(PeftModel.from_pretrained(build_tiny_model("llama"), checkpoint, is_trainable=True))
+    else:  # the same script run again: SFTTrainer(model=base, peft_config=CASTLoraConfig(...))
+        resumed = trainer(build_tiny_model("llama"), CASTLoraConfig(r=4, skip_heads=SKIP))
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 4
+    _assert_frozen(resumed.model, "default", SKIP)
+    verify_frozen_heads(resumed.model, reference=build_tiny_model("llama"))
+
+
 def test_plain_lora_folder_opens_exactly_as_before(tmp_path):
     peft_model = get_peft_model(build_tiny_model("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     peft_model.save_pretrained(tmp_path)
