@@ -12,7 +12,13 @@ from models import ARCHS, build_tiny_model, tiny_batch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers.pytorch_utils import Conv1D
 
-from cast_peft import CASTLoraConfig, HeadMaskedLinear, count_effective_parameters, verify_frozen_heads
+from cast_peft import (
+    CASTLoraConfig,
+    FrozenHeadsError,
+    HeadMaskedLinear,
+    count_effective_parameters,
+    verify_frozen_heads,
+)
 from cast_peft.geometry import AttentionGeometry
 
 
@@ -163,12 +169,16 @@ def test_save_load_with_vanilla_peft_and_with_cast(trained, tmp_path):
     adapter_config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert adapter_config["peft_type"] == "LORA" and "skip_heads" not in adapter_config
 
-    # Vanilla peft: plain LoraConfig from the folder, plain LoRA layers, no warnings, same outputs.
+    # A plain LoraConfig read from adapter_config.json (what vanilla peft builds; without cast-peft imported this is
+    # tests/test_frozen_promise.py::test_vanilla_peft_without_cast_peft_opens_a_cast_folder): plain LoRA layers, no
+    # warnings, same outputs.
+    plain = LoraConfig(**{k: v for k, v in adapter_config.items() if k != "peft_type"})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warnings.simplefilter("ignore", FutureWarning)  # transformers deprecations raised inside peft
-        vanilla = PeftModel.from_pretrained(build_tiny_model(arch), tmp_path)
+        vanilla = PeftModel.from_pretrained(build_tiny_model(arch), tmp_path, config=plain)
     assert type(vanilla.peft_config["default"]) is LoraConfig
+    assert not any(isinstance(m, HeadMaskedLinear) for m in vanilla.modules())
     torch.testing.assert_close(_logits(vanilla), expected, rtol=1e-5, atol=1e-6)
 
     # CAST-aware reload for further training restores the masks.
@@ -276,7 +286,7 @@ def test_verify_frozen_heads_detects_a_written_slice():
     peft_model = get_peft_model(build_tiny_model("llama"), CASTLoraConfig(r=4, skip_heads={0: [0]}))
     with torch.no_grad():
         peft_model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight[0, 0] = 1.0
-    with pytest.raises(AssertionError, match="non-zero"):
+    with pytest.raises(FrozenHeadsError, match="non-zero"):
         verify_frozen_heads(peft_model)
 
 

@@ -26,7 +26,13 @@ from ._core.errors import (
 from .conflict_map import ConflictMap
 from .diagnosis import diagnose
 from .geometry import LAYOUTS, AttentionGeometry
-from .tuner import CASTLoraConfig, HeadMaskedLinear, count_effective_parameters, verify_frozen_heads
+from .tuner import (
+    CASTLoraConfig,
+    HeadMaskedLinear,
+    count_effective_parameters,
+    describe_frozen,
+    verify_frozen_heads,
+)
 
 
 __all__ = [
@@ -48,6 +54,7 @@ __all__ = [
     "FrozenHeadsError",
     "HeadMaskedLinear",
     "count_effective_parameters",
+    "describe_frozen",
     "verify_frozen_heads",
     "__version__",
 ]

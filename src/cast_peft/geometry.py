@@ -120,8 +120,7 @@ class HeadCounts:
         """Read the counts from a transformers config (object or ``to_dict()`` output)."""
         if isinstance(config, Mapping):
             config = _DictConfig(config)
-        elif hasattr(config, "get_text_config"):
-            config = config.get_text_config()
+        _refuse_multimodal(config)
         model_type = getattr(config, "model_type", None)
         layout_of(model_type)  # refuse unknown architectures before reading their fields
         num_heads = _first_attr(config, "num_attention_heads", "n_head")
@@ -139,9 +138,26 @@ class _DictConfig:
 
     def __init__(self, data: Mapping[str, Any]):
         self.__dict__.update(data)
-        text = data.get("text_config")
-        if isinstance(text, Mapping) and "model_type" in text and text["model_type"] in LAYOUTS:
-            self.__dict__.update(text)
+
+
+def _refuse_multimodal(config: Any) -> None:
+    """Refuse a model with sub-models (a vision tower beside the language model, e.g. Llava, Gemma-3 4B+).
+
+    Their towers' attention blocks have the same module names (``layers.N.self_attn.q_proj``), so the attention
+    pattern would put the language model's head masks on the tower (or fail on its sizes). transformers' multimodal
+    configs carry a ``text_config`` (``get_text_config()`` returns it, transformers 4.56-5.24).
+    """
+    get_text_config = getattr(config, "get_text_config", None)
+    text = get_text_config() if callable(get_text_config) else getattr(config, "text_config", None)
+    if text is None or text is config:
+        return
+    text_type = text.get("model_type") if isinstance(text, Mapping) else getattr(text, "model_type", None)
+    raise UnsupportedArchitectureError(
+        f"CAST does not tune multimodal models yet: this {getattr(config, 'model_type', None)!r} model has a "
+        f"{text_type!r} language model beside other towers (e.g. vision), whose attention the pattern would also "
+        f"match. Supported (text-only causal LMs): {', '.join(sorted(LAYOUTS))}. Load a text-only checkpoint of the "
+        "language model with AutoModelForCausalLM."
+    )
 
 
 def _first_attr(config: Any, *names: str) -> Any:
@@ -213,8 +229,17 @@ class AttentionGeometry:
         found: dict[int, dict[str, str]] = {}
         for path, _ in model.named_modules():
             ref = self.parse(path)
-            if ref is not None:
-                found.setdefault(ref.layer, {})[ref.name] = path
+            if ref is None:
+                continue
+            other = found.setdefault(ref.layer, {}).get(ref.name)
+            if other is not None and other != path:
+                # Two towers (e.g. a vision encoder beside the language model) both match the attention pattern.
+                raise UnsupportedArchitectureError(
+                    f"Both {other} and {path} look like layer {ref.layer}'s {ref.name}: the model holds more than one "
+                    f"stack of attention blocks (a multimodal model?). CAST tunes text-only causal LMs: "
+                    f"{', '.join(sorted(LAYOUTS))}. {_HOW_TO_ADD}"
+                )
+            found[ref.layer][ref.name] = path
         return found
 
     def check_model(self, model: nn.Module) -> None:

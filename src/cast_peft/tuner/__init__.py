@@ -1,11 +1,11 @@
 """The head-sliced LoRA tuner: `CASTLoraConfig`, the head-masked layers peft dispatches to, and the checks."""
 
-from .checks import count_effective_parameters, verify_frozen_heads
+from .checks import count_effective_parameters, describe_frozen, verify_frozen_heads
 from .config import CASTLoraConfig, matching_lora_config, normalize_head_map
 from .layers import HeadMaskedLinear, cast_layers
 
 
 __all__ = [
-    "CASTLoraConfig", "HeadMaskedLinear", "cast_layers", "count_effective_parameters", "matching_lora_config",
+    "CASTLoraConfig", "HeadMaskedLinear", "cast_layers", "count_effective_parameters", "describe_frozen", "matching_lora_config",
     "normalize_head_map", "verify_frozen_heads",
 ]  # fmt: skip

@@ -7,9 +7,9 @@ CAST's settings (the skip set and the model's head geometry) are written beside 
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +17,11 @@ from typing import Any
 
 import torch
 from peft import LoraConfig
-from peft.tuners.lora import LoraModel
 from torch import nn
 
+from .._core.errors import CastWarning, ConfigError
 from .._core.io import atomic_write_text
+from .._core.peft_compat import bind_cast_configs_on_injection, load_cast_configs_from_cast_folders
 from ..geometry import AttentionGeometry, HeadCounts, Role
 
 
@@ -90,7 +91,17 @@ class CASTLoraConfig(LoraConfig):
             Model type and head counts; filled by ``get_peft_model`` (or ``from_conflict_map``) and checked against
             every model the config is applied to, so a skip set is never applied to a model it was not made for.
         source_map (`dict`, *optional*):
-            The conflict map's model identity and prompt format, filled by ``from_conflict_map``.
+            The conflict map's model identity and prompt format, filled by ``from_conflict_map``. For a skip set
+            given by hand, ``get_peft_model`` records the identity of the model it is first bound to. Binding to a
+            model with another identity (same geometry, another checkpoint) warns.
+
+    > What stays frozen (exactly)
+
+    For each skipped query head h of a layer: its rows of W_q (and of the q bias), its input columns of W_o, and the
+    rows of W_k/W_v (and biases) of the KV head it reads *only when that KV head is frozen* (``kv_head_policy`` /
+    ``skip_kv_heads``). Under GQA/MQA a skipped head whose KV head is not frozen reads k/v that train, and every
+    head's input changes once an earlier layer is tuned: a skipped head's *weights* are bit-identical to the base,
+    its *output* is not. ``cast_peft.describe_frozen(config_or_model)`` prints what is frozen for a skip set.
 
     All `LoraConfig` arguments apply. ``target_modules`` defaults to all attention projections (q, k, v, o or their
     fused equivalents). DoRA, ``lora_bias``, ``target_parameters`` and inits that change B or the base weight
@@ -128,7 +139,7 @@ class CASTLoraConfig(LoraConfig):
             None if self.skip_kv_heads is None else normalize_head_map(self.skip_kv_heads, "skip_kv_heads")
         )
         if self.kv_head_policy not in ("all", "any"):
-            raise ValueError(f"kv_head_policy={self.kv_head_policy!r}; use 'all' (default) or 'any'.")
+            raise ConfigError(f"kv_head_policy={self.kv_head_policy!r}; use 'all' (default) or 'any'.")
         if self.attention_geometry is not None:
             self.attention_geometry = HeadCounts.from_dict(self.attention_geometry).to_dict()
             self._check_skip_sets(self.counts)
@@ -140,25 +151,30 @@ class CASTLoraConfig(LoraConfig):
 
     def _refuse_settings_that_move_skipped_heads(self) -> None:
         if self.use_dora:
-            raise ValueError(
+            raise ConfigError(
                 "CAST cannot use DoRA: its magnitude vector rescales whole rows, including those of skipped heads. "
                 "Set use_dora=False."
             )
         if self.lora_bias:
-            raise ValueError("CAST cannot use lora_bias: the bias would shift skipped heads. Set lora_bias=False.")
+            raise ConfigError("CAST cannot use lora_bias: the bias would shift skipped heads. Set lora_bias=False.")
+        if self.bias != "none":
+            raise ConfigError(
+                f"CAST cannot use bias={self.bias!r}: peft then trains the whole bias of every targeted projection, "
+                "including the q/k/v bias entries of skipped heads. Set bias='none' (the LoRA default)."
+            )
         if self.init_lora_weights not in _ALLOWED_INITS:
-            raise ValueError(
+            raise ConfigError(
                 f"init_lora_weights={self.init_lora_weights!r} initialises B to non-zero values or rewrites the base "
                 f"weights, which would change skipped heads. Use one of {_ALLOWED_INITS} (True is LoRA's default)."
             )
         if self.target_parameters:
-            raise ValueError("CAST adapts attention projections, not `target_parameters`; remove target_parameters.")
+            raise ConfigError("CAST adapts attention projections, not `target_parameters`; remove target_parameters.")
 
     # --------------------------------------------------------------------------------------------- geometry
     @property
     def counts(self) -> HeadCounts:
         if self.attention_geometry is None:
-            raise ValueError(
+            raise ConfigError(
                 "This CASTLoraConfig is not bound to a model yet; `get_peft_model(model, config)` binds it, or "
                 "build it with `CASTLoraConfig.from_conflict_map(...)`."
             )
@@ -169,11 +185,17 @@ class CASTLoraConfig(LoraConfig):
         return AttentionGeometry(self.counts)
 
     def bind(self, model: nn.Module) -> None:
-        """Fill the head geometry from ``model`` and check that the skip set fits it (called by ``get_peft_model``)."""
+        """Fill the head geometry from ``model`` and check that the skip set fits it (called by ``get_peft_model``).
+
+        Refuses settings that would train a skipped head's weights (``modules_to_save`` over an attention projection)
+        or make the skip set meaningless (no attention projection targeted). Warns (``CastWarning``) when ``model``
+        is another checkpoint than the one the skip set was made for, and when no KV head is frozen on a GQA/MQA
+        model (then every skipped head reads k/v that train; see :func:`cast_peft.describe_frozen`).
+        """
         geometry = AttentionGeometry.from_model(model)
         counts = geometry.counts.to_dict()
         if self.attention_geometry is not None and self.attention_geometry != counts:
-            raise ValueError(
+            raise ConfigError(
                 f"This CAST config (skip set / conflict map) was made for {self.attention_geometry}, but the model is "
                 f"{counts}. Diagnose this model and build the config from its own conflict map."
             )
@@ -186,6 +208,77 @@ class CASTLoraConfig(LoraConfig):
         if any(type(module).__name__ == "Conv1D" for module in _attention_modules(model, geometry)):
             self.fan_in_fan_out = True
         _refuse_plain_lora_targets(model, geometry)
+        paths = [path for layer_paths in geometry.projections(model).values() for path in layer_paths.values()]
+        self._refuse_modules_to_save_over_attention(model, paths)
+        self._refuse_skip_set_without_attention_targets(paths)
+        self._check_model_identity(model)
+        self._warn_when_no_kv_head_is_frozen()
+
+    def _has_skips(self) -> bool:
+        return any(self.skip_heads.values()) or any((self.skip_kv_heads or {}).values())
+
+    def _refuse_modules_to_save_over_attention(self, model: nn.Module, paths: list[str]) -> None:
+        # peft wraps every module whose path ends with an entry (peft 0.21.2 `_set_trainable`: `key.endswith(name)`)
+        # and trains a full copy of it: the rows and columns of skipped heads included.
+        names = self.modules_to_save or []
+        for key, _ in model.named_modules():
+            hit = next((name for name in names if key and key.endswith(name)), None)
+            if hit is not None and any(path == key or path.startswith(f"{key}.") for path in paths):
+                raise ConfigError(
+                    f"modules_to_save entry {hit!r} matches {key!r}, which is or holds an attention projection; peft "
+                    "would train a full copy of it, skipped heads included. Remove it from modules_to_save (CAST "
+                    "already puts head-masked LoRA on the attention projections)."
+                )
+
+    def _refuse_skip_set_without_attention_targets(self, paths: list[str]) -> None:
+        from peft.tuners.tuners_utils import check_target_module_exists  # public helper, peft 0.19-0.21.2
+
+        if not self._has_skips() or any(check_target_module_exists(self, path) for path in paths):
+            return
+        raise ConfigError(
+            f"target_modules={self.target_modules!r} matches no attention projection of this model, so the skip set "
+            "would have no effect. Leave target_modules unset (CAST then targets every attention projection) or "
+            f"include them, e.g. {sorted(self.geometry.layout.projections)}."
+        )
+
+    def _check_model_identity(self, model: nn.Module) -> None:
+        """Warn when ``model`` is not the checkpoint the skip set was made for; record it when nothing says which."""
+        from ..models import model_identity
+
+        if not callable(getattr(getattr(model, "config", None), "to_dict", None)):
+            return
+        identity = model_identity(model)
+        made_for = (self.source_map or {}).get("model") or {}
+        if not made_for.get("config_sha256"):
+            # A skip set given by hand: remember the model it was first bound to, so an adapter saved from it warns
+            # when opened on another checkpoint.
+            self.source_map = {**(self.source_map or {}), "model": identity}
+        elif made_for["config_sha256"] != identity["config_sha256"]:
+            warnings.warn(
+                f"This CAST skip set was made for {made_for.get('name_or_path') or 'another model'} (config "
+                f"{made_for['config_sha256']}), but is applied to {identity['name_or_path'] or 'a model'} (config "
+                f"{identity['config_sha256']}): same head geometry, another checkpoint. Its conflicting heads need "
+                "not be this model's; diagnose this model (cast_peft.diagnose) and build the config from its map.",
+                CastWarning,
+                stacklevel=4,
+            )
+
+    def _warn_when_no_kv_head_is_frozen(self) -> None:
+        counts = self.counts
+        if self.inference_mode or self.skip_kv_heads is not None or counts.group_size == 1 or not self._has_skips():
+            return
+        if any(not bool(self.enabled_units(layer)["k"].all()) for layer in self.skip_heads):
+            return
+        kind = "MQA" if counts.num_kv_heads == 1 else "GQA"
+        skipped = sum(len(heads) for heads in self.skip_heads.values())
+        warnings.warn(
+            f"The skip set freezes no KV head: on this {kind} model {counts.group_size} query heads share each KV "
+            f"head, so all {skipped} skipped heads read k/v rows that train and their outputs will change; only "
+            "their own q rows and o columns stay bit-identical. To freeze k/v too, skip whole KV groups, set "
+            "kv_head_policy='any' or pass skip_kv_heads. cast_peft.describe_frozen(config) lists what is frozen.",
+            CastWarning,
+            stacklevel=4,
+        )
 
     def _check_skip_sets(self, counts: HeadCounts) -> None:
         for name, units, head_map in (
@@ -194,14 +287,14 @@ class CASTLoraConfig(LoraConfig):
         ):
             for layer, heads in head_map.items():
                 if layer >= counts.num_layers or heads[-1] >= units:
-                    raise ValueError(
+                    raise ConfigError(
                         f"`{name}` has layer {layer} heads {heads}, but the {counts.model_type} model has "
                         f"{counts.num_layers} layers x {units} {'KV ' if name == 'skip_kv_heads' else ''}heads "
                         f"(0-based). The skip set was made for another model: rebuild it from this model's map."
                     )
         total = sum(len(h) for h in self.skip_heads.values())
         if total >= counts.num_layers * counts.num_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"`skip_heads` skips all {total} heads, so the adapter could not change anything. Skip fewer heads "
                 f"(e.g. ConflictMap.select(skip_ratio=0.1))."
             )
@@ -326,26 +419,13 @@ def _refuse_plain_lora_targets(model: nn.Module, geometry: AttentionGeometry) ->
 
     for module in _attention_modules(model, geometry):
         if isinstance(module, LoraLayer) and not isinstance(module, CastLayerMixin):
-            raise ValueError(
+            raise ConfigError(
                 "The attention projections are already wrapped by plain LoRA layers, which cannot hold head masks, so "
                 "a CAST adapter added here would update skipped heads. Add the CAST adapter first (plain LoRA "
                 "adapters can be added after it), or start from the unwrapped base model."
             )
 
 
-# peft hands tuners the model only inside `LoraModel`; `_prepare_adapter_config` is the one step of `inject_adapter`
-# that sees both the tuner (and so the model) and the adapter config before any module is replaced. Wrapping it binds
-# a CASTLoraConfig to its model and leaves every other config untouched. Checked against peft 0.19-0.21.2.
-_prepare_adapter_config = inspect.getattr_static(LoraModel, "_prepare_adapter_config")
-if not getattr(_prepare_adapter_config, "_cast_peft_wrapped", False):
-    _original = _prepare_adapter_config.__func__ if isinstance(_prepare_adapter_config, staticmethod) else None
-
-    def _prepare_adapter_config_binding_cast(self, peft_config, model_config):
-        if isinstance(peft_config, CASTLoraConfig):
-            peft_config.bind(self.model)
-        if _original is not None:
-            return _original(peft_config, model_config)
-        return _prepare_adapter_config(self, peft_config, model_config)
-
-    _prepare_adapter_config_binding_cast._cast_peft_wrapped = True
-    LoraModel._prepare_adapter_config = _prepare_adapter_config_binding_cast
+# peft hooks (binding at injection, CAST configs from CAST folders), version-checked in one place.
+bind_cast_configs_on_injection(CASTLoraConfig)
+load_cast_configs_from_cast_folders(CASTLoraConfig, CAST_CONFIG_NAME)
