@@ -26,8 +26,9 @@ from ._core.errors import (  # noqa: E402
 )
 from .config import CASTLoraConfig  # noqa: E402
 from .conflict_map import ConflictMap  # noqa: E402
+from .dense import FrozenHeads, freeze_heads, unfreeze_heads  # noqa: E402
 from .diagnosis import diagnose  # noqa: E402
-from .geometry import LAYOUTS, AttentionGeometry  # noqa: E402
+from .geometry import LAYOUTS, AttentionGeometry, frozen_units  # noqa: E402
 from .layers import HeadMaskedLinear  # noqa: E402
 from .utils import count_effective_parameters, verify_frozen_heads  # noqa: E402
 
@@ -37,6 +38,10 @@ __all__ = [
     "CastWarning",
     "ConflictMap",
     "diagnose",
+    "freeze_heads",
+    "unfreeze_heads",
+    "FrozenHeads",
+    "frozen_units",
     "LAYOUTS",
     "AttentionGeometry",
     "CastError",
