@@ -243,6 +243,8 @@ def test_save_pretrained_writes_a_plain_checkpoint_and_the_skip_set(tmp_path):
     kwargs = load_dense_config(tmp_path / "out")
     freeze_heads(loaded, **kwargs)
     assert frozen_heads_of(loaded).skip_heads == {0: [1], 1: [2, 3]}
+    with pytest.raises(ConfigError, match="made for"):  # same ranges, other head counts (llama: head_dim 8)
+        freeze_heads(build_tiny_model("llama"), **kwargs)
 
 
 def _trainer(model, tmp_path, **args):

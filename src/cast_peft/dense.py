@@ -52,6 +52,7 @@ import json
 import math
 import os
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,7 +119,9 @@ class FrozenSlice:
 
     def _local_index(self, start: int, stop: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Indices into the local shard, and (for dim 0) which saved rows they are."""
-        index = self.index.to(device)
+        if self.index.device != device:
+            self.index = self.index.to(device)  # once, after model.to(...)
+        index = self.index
         if self.dim != 0:
             return index, None
         keep = (index >= start) & (index < stop)
@@ -323,6 +326,7 @@ def freeze_heads(
     *,
     skip_kv_heads: Any = None,
     kv_head_policy: str = "all",
+    attention_geometry: Mapping[str, Any] | None = None,
 ) -> FrozenHeads:
     """Make the skipped heads' slices of ``model``'s attention weights receive exactly no update from any optimizer.
 
@@ -334,6 +338,8 @@ def freeze_heads(
         skip_heads: ``{layer: [query head, ...]}`` (e.g. ``ConflictMap.select(skip_ratio=0.1)``).
         skip_kv_heads: ``{layer: [KV head, ...]}`` to freeze directly; replaces ``kv_head_policy``.
         kv_head_policy: ``"all"`` (freeze a KV head only when every query head of its group is skipped) or ``"any"``.
+        attention_geometry: the head counts the skip set was made for (as ``cast_dense.json`` stores them); a model
+            with other counts is refused.
 
     Returns:
         A :class:`FrozenHeads` handle: ``verify()``, ``save_pretrained(dir)``, ``save_config(dir)``, ``remove()``.
@@ -344,6 +350,11 @@ def freeze_heads(
             "to change the skip set."
         )
     geometry = AttentionGeometry.from_model(model)
+    if attention_geometry is not None and HeadCounts.from_dict(attention_geometry) != geometry.counts:
+        raise ConfigError(
+            f"This skip set was made for {dict(attention_geometry)}, but the model is {geometry.counts.to_dict()}. "
+            f"Diagnose this model and take the skip set from its own conflict map."
+        )
     skip = _validated_skip_set(geometry.counts, skip_heads, skip_kv_heads, kv_head_policy)
     modules = dict(model.named_modules())
     targets = [
@@ -428,9 +439,15 @@ def load_dense_config(directory: str | os.PathLike) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path} is not valid JSON ({err.msg}); save the skip set again.") from None
-    return {key: data.get(key) for key in ("skip_heads", "skip_kv_heads")} | {
-        "kv_head_policy": data.get("kv_head_policy", "all")
-    }
+    try:
+        return {
+            "skip_heads": data["skip_heads"],
+            "skip_kv_heads": data.get("skip_kv_heads"),
+            "kv_head_policy": data.get("kv_head_policy", "all"),
+            "attention_geometry": data["attention_geometry"],
+        }
+    except (KeyError, TypeError):
+        raise ConfigError(f"{path} lacks skip_heads or attention_geometry; save the skip set again.") from None
 
 
 def _validated_skip_set(counts: HeadCounts, skip_heads: Any, skip_kv_heads: Any, kv_head_policy: str) -> dict:
