@@ -285,7 +285,6 @@ class AttentionGeometry:
         return mask
 
 
-KVHeadPolicy = Literal["all", "any"]
 KV_HEAD_POLICIES: tuple[str, ...] = ("all", "any")
 
 
