@@ -361,13 +361,16 @@ def test_a_copy_of_a_frozen_model_is_a_plain_model():
     freeze_heads(twin, SKIP)
 
 
-def test_verify_detects_a_slice_written_outside_an_optimizer():
+def test_verify_detects_a_slice_written_outside_an_optimizer(tmp_path):
     model = build_tiny_model("llama")
     handle = freeze_heads(model, SKIP)
     with torch.no_grad():
         model.model.layers[0].self_attn.q_proj.weight[8, 0] += 1  # head 1's first q row
     with pytest.raises(FrozenHeadsError, match="q_proj.weight: 1 frozen entries changed"):
         handle.verify()
+    with pytest.raises(FrozenHeadsError, match="frozen entries changed"):  # checked before anything is written
+        handle.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------------------------------- distributed
