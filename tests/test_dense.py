@@ -353,6 +353,7 @@ def test_a_copy_of_a_frozen_model_is_a_plain_model():
     freeze_heads(model, SKIP)
     twin = copy.deepcopy(model)
     assert frozen_heads_of(twin) is None
+    assert all(not p._backward_hooks for p in twin.parameters())  # torch does not copy tensor hooks
     base = snapshot(twin)
     train(twin, steps=2)  # the copy trains every head; the original's handle does not touch it
     assert not torch.equal(
