@@ -25,12 +25,16 @@ from ._core.errors import (
 )
 from .conflict_map import ConflictMap
 from .diagnosis import diagnose
-from .geometry import LAYOUTS, AttentionGeometry
+from .geometry import LAYOUTS, AttentionGeometry, frozen_units
 from .tuner import (
     CASTLoraConfig,
+    FrozenHeads,
     HeadMaskedLinear,
     count_effective_parameters,
     describe_frozen,
+    freeze_heads,
+    load_dense_config,
+    unfreeze_heads,
     verify_frozen_heads,
 )
 
@@ -40,6 +44,11 @@ __all__ = [
     "CastWarning",
     "ConflictMap",
     "diagnose",
+    "freeze_heads",
+    "load_dense_config",
+    "unfreeze_heads",
+    "FrozenHeads",
+    "frozen_units",
     "LAYOUTS",
     "AttentionGeometry",
     "CastError",

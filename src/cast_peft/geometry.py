@@ -16,14 +16,14 @@ Adding an architecture is one entry in :data:`LAYOUTS` plus a test model in ``te
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from ._core.errors import UnsupportedArchitectureError
+from ._core.errors import ConfigError, UnsupportedArchitectureError
 
 
 Role = Literal["q", "k", "v", "o"]
@@ -308,6 +308,36 @@ class AttentionGeometry:
             index = self.role_index(name, role)
             mask[index.reshape(-1)] = enabled_units[role].repeat_interleave(self.counts.head_dim)
         return mask
+
+
+KV_HEAD_POLICIES: tuple[str, ...] = ("all", "any")
+
+
+def frozen_units(
+    counts: HeadCounts,
+    layer: int,
+    skip_heads: Mapping[int, Sequence[int]],
+    skip_kv_heads: Mapping[int, Sequence[int]] | None = None,
+    kv_head_policy: str = "all",
+) -> dict[Role, torch.Tensor]:
+    """Per role, which units of ``layer`` are frozen (bool tensors ``[units(role)]``).
+
+    Query heads (roles ``q`` and ``o``) are frozen exactly when ``skip_heads[layer]`` lists them. A KV head (roles ``k``
+    and ``v``) is frozen when ``skip_kv_heads[layer]`` lists it if ``skip_kv_heads`` is given; otherwise by
+    ``kv_head_policy``: ``"all"`` freezes it only when every query head of its group is skipped, ``"any"`` when at least
+    one is. The LoRA tuner and the dense mode both read their frozen slices from here, so they agree.
+    """
+    if kv_head_policy not in KV_HEAD_POLICIES:
+        raise ConfigError(f"kv_head_policy={kv_head_policy!r}; use 'all' (default) or 'any'.")
+    skipped = torch.zeros(counts.num_heads, dtype=torch.bool)
+    skipped[list(skip_heads.get(layer, []))] = True
+    if skip_kv_heads is not None:
+        kv_skipped = torch.zeros(counts.num_kv_heads, dtype=torch.bool)
+        kv_skipped[list(skip_kv_heads.get(layer, []))] = True
+    else:
+        groups = skipped.view(counts.num_kv_heads, counts.group_size)
+        kv_skipped = groups.all(dim=1) if kv_head_policy == "all" else groups.any(dim=1)
+    return {"q": skipped, "o": skipped.clone(), "k": kv_skipped, "v": kv_skipped.clone()}
 
 
 def name_is_input_side(roles: tuple[Role, ...]) -> bool:

@@ -22,7 +22,7 @@ from torch import nn
 from .._core.errors import CastWarning, ConfigError
 from .._core.io import atomic_write_text
 from .._core.peft_compat import bind_cast_configs_on_injection, load_cast_configs_from_cast_folders
-from ..geometry import AttentionGeometry, HeadCounts, Role
+from ..geometry import AttentionGeometry, HeadCounts, Role, frozen_units
 
 
 CAST_CONFIG_NAME = "cast_config.json"
@@ -300,17 +300,9 @@ class CASTLoraConfig(LoraConfig):
             )
 
     def enabled_units(self, layer: int) -> dict[Role, torch.Tensor]:
-        """Per role, which units of ``layer`` the adapter may change (bool tensors)."""
-        counts = self.counts
-        skipped = torch.zeros(counts.num_heads, dtype=torch.bool)
-        skipped[self.skip_heads.get(layer, [])] = True
-        if self.skip_kv_heads is not None:
-            kv_skipped = torch.zeros(counts.num_kv_heads, dtype=torch.bool)
-            kv_skipped[self.skip_kv_heads.get(layer, [])] = True
-        else:
-            groups = skipped.view(counts.num_kv_heads, counts.group_size)
-            kv_skipped = groups.all(dim=1) if self.kv_head_policy == "all" else groups.any(dim=1)
-        return {"q": ~skipped, "o": ~skipped, "k": ~kv_skipped, "v": ~kv_skipped}
+        """Per role, which units of ``layer`` the adapter may change (bool tensors); see `geometry.frozen_units`."""
+        frozen = frozen_units(self.counts, layer, self.skip_heads, self.skip_kv_heads, self.kv_head_policy)
+        return {role: ~units for role, units in frozen.items()}
 
     def feature_mask(self, module_path: str) -> tuple[torch.Tensor, str] | None:
         """``(enabled features, side)`` for an attention projection, ``None`` for any other module.
