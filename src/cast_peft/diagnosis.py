@@ -66,6 +66,7 @@ from .conflict_map import (
     NORMALIZATIONS,
     ConflictMap,
 )
+from .data import context_length, fit_max_length, prompt_format
 from .geometry import AttentionGeometry
 from .models import check_cpu_4bit_layout
 
@@ -136,9 +137,13 @@ def diagnose(
         seed=seed,
         progress=progress,
     )
+    max_length = fit_max_length(model, max_length)  # GPT-2 indexes past its position table otherwise
     for objective, data in (("safety", safety_data), ("utility", utility_data)):
         run.add(objective, prepare_batches(data, tokenizer, batch_size, max_length, objective), shard=shard)
-    return run.conflict_map()
+    cmap = run.conflict_map()
+    if tokenizer is not None:
+        cmap.metadata["prompt_format"] = prompt_format(tokenizer)  # so a map meets training data of its own format
+    return cmap
 
 
 class Diagnosis:
@@ -176,7 +181,14 @@ class Diagnosis:
                 raise ValueError(f"{name}={value!r} is not one of {allowed}.")
         if sketch_dim < 1 or ablation_chunk < 1:
             raise ValueError("sketch_dim and ablation_chunk must be >= 1.")
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if getattr(base, "get_output_embeddings", lambda: None)() is None:
+            raise DiagnosisError(
+                f"{type(base).__name__} has no language-model head (a bare transformer, as AutoModel loads), so it "
+                "has no loss to diagnose. Load the model with AutoModelForCausalLM.from_pretrained(...)."
+            )
         self.model, self.seed, self.progress = model, seed, progress
+        self.context = context_length(model)
         self.geometry = AttentionGeometry.from_model(model)
         check_cpu_4bit_layout(model)
         self.projections = hooked_projections(model, self.geometry)
@@ -279,7 +291,7 @@ class Diagnosis:
         vocab: int,
         accumulate_ablation: bool,
     ) -> None:
-        batch = check_batch(raw, objective, index, vocab)
+        batch = check_batch(raw, objective, index, vocab, self.context)
         self.digests[objective].append((index, digest(batch)))
         batch = {key: value.to(device) for key, value in batch.items()}
         losses = row_losses(self.model, batch)
