@@ -125,6 +125,29 @@ def test_messages_scores_only_assistant_turns(chatml_tok):
     assert _scored_segments(chatml_tok, ex) == ["Rome.<|im_end|>\n"]
 
 
+def test_messages_mask_equals_transformers_assistant_mask():
+    # TRL's assistant_only_loss takes its mask from apply_chat_template(return_assistant_tokens_mask=True), which
+    # needs {% generation %} markers; our mask needs none, and on a template that has them it must agree.
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}{% generation %}"
+        "{{ m['content'] }}<|im_end|>\n{% endgeneration %}{% else %}{{ m['content'] }}<|im_end|>\n{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    tok = build_byte_tokenizer(["Paris Rome capital France Italy"], ["<pad>", "<|im_start|>", "<|im_end|>"],
+                               eos="<|im_end|>", pad="<pad>", chat_template=template)  # fmt: skip
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "Italy?"},
+        {"role": "assistant", "content": "Rome."},
+    ]
+    reference = tok.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+    (batch,) = make_batches(tok, [{"messages": messages}], batch_size=1, max_length=512)
+    assert batch["input_ids"][0].tolist() == reference["input_ids"]
+    assert (batch["labels"][0] != IGNORE_INDEX).int().tolist() == reference["assistant_masks"]
+
+
 def test_messages_without_chat_template_use_the_fallback(chatml_tok):
     plain = build_byte_tokenizer(["Paris. Rome."], ["<pad>", "<|im_end|>"], eos="<|im_end|>", pad="<pad>")
     messages = [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]
@@ -183,6 +206,10 @@ def test_load_examples_reads_every_form(tmp_path):
     path.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"question": "q"}), encoding="utf-8")
     with pytest.raises(DataError, match=r"data.jsonl:2"):
         load_examples(path)
+    # load_pairs reads pairs only; TRL's column name gets a hint instead of "missing column 'response'".
+    with pytest.raises(DataError, match="response_column='completion'"):
+        load_pairs([rows[1]])
+    assert load_pairs([rows[1]], response_column="completion") == [{"prompt": "q", "response": "a"}]
 
 
 # ----------------------------------------------------------------------------------------------- item 10: numbers
