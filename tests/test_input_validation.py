@@ -300,6 +300,12 @@ def test_train_adapter_refuses_nonpositive_counts_before_work(kwargs, tmp_path):
     assert not any("lora" in name for name, _ in model.named_modules())
 
 
+@pytest.mark.parametrize("kwargs", [{"batch_size": 0}, {"max_length": -1}, {"batch_size": 2.0}])
+def test_diagnose_refuses_nonpositive_counts(kwargs):
+    with pytest.raises(ConfigError, match=next(iter(kwargs))):
+        diagnose(build_tiny_model("llama"), build_tiny_tokenizer(), SAFETY, UTILITY, progress=False, **kwargs)
+
+
 @pytest.mark.parametrize("limit", [0, -1, 1.5, True])
 def test_loaders_refuse_nonpositive_limit(limit):
     rows = [{"prompt": "q", "response": "a"}] * 3

@@ -78,9 +78,15 @@ def train_adapter(
     """Train an adapter on ``train_data`` and return the peft model (the adapter is also saved to ``output_dir``).
 
     ``model`` is a base model (``peft_config`` then builds the adapter with peft's ``get_peft_model``) or an existing
-    ``PeftModel`` (``peft_config=None``). Data order, dropout and LoRA init follow ``seed``. Checkpoints go to
+    ``PeftModel`` (``peft_config=None``). ``train_data`` holds examples of any form TRL's SFTTrainer takes
+    (``cast_peft.data.EXAMPLE_FORMS``). Data order, dropout and LoRA init follow ``seed``. Checkpoints go to
     ``output_dir/checkpoints`` every ``save_steps``; pass ``resume_from_checkpoint=True`` to continue the last one.
     Extra keyword arguments go to `transformers.TrainingArguments`.
+
+    Counts (``max_steps``, ``batch_size``, ...) must be positive integers, and the data is tokenized (``max_length``
+    lowered to the model's context) before the model is touched. With a ``CASTLoraConfig``, the training data's
+    prompt format is recorded in its ``source_map["train_prompt_format"]`` (saved in ``cast_config.json``), with a
+    ``CastWarning`` when it differs from the format the conflict map was diagnosed with.
     """
     from transformers import Trainer, TrainingArguments, set_seed
 
