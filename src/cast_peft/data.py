@@ -1,26 +1,68 @@
-"""Data loading, chat formatting and loss masking for CAST.
+"""Data loading, example forms, chat formatting and loss masking for CAST.
 
-Pairs are plain dicts ``{"prompt": str, "response": str, ...}``. Loaders accept JSONL/JSON/CSV files, a
-``datasets.Dataset``, a list of dicts or (online) a hub dataset name, and fail with an error that names the file, the
-line and the fix. Tokenized examples mask the prompt with ``-100`` so the loss only covers response tokens.
+An example has one of the forms TRL's ``SFTTrainer`` accepts (see :data:`EXAMPLE_FORMS`; :func:`example_form` is the
+one place that recognises them): a pair ``{"prompt", "response"}`` (this project's) or ``{"prompt", "completion"}``
+(TRL's; strings, or lists of messages), a conversation ``{"messages": [{"role", "content"}, ...]}``, or a plain text
+(a string or ``{"text"}``). Loaders accept JSONL/JSON/CSV files, a ``datasets.Dataset``, a list of dicts or (online) a
+hub dataset name, and fail with an error that names the file, the line and the fix. Tokenized examples carry
+``labels`` with ``-100`` on every token that is not scored (prompts, user and system turns).
+
+The prompt format (the tokenizer's chat template, or :data:`FALLBACK_TEMPLATE` when it has none) is decided by
+:func:`prompt_format` alone, which logs once per tokenizer which one is used and why.
 """
 
 import csv
+import hashlib
 import json
+import logging
+import numbers
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import torch
 
-from ._core.errors import DataError
+from ._core.errors import ConfigError, DataError
 
+
+logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 FALLBACK_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
+#: :func:`prompt_format` of a tokenizer without a chat template.
+FALLBACK_FORMAT = "fallback:instruction"
+#: The accepted example forms, as error messages name them.
+EXAMPLE_FORMS = (
+    '{"prompt": str, "response": str} (loss on the response)',
+    '{"prompt", "completion"} as in TRL: two strings, or two lists of {"role", "content"} messages (loss on the '
+    "completion)",
+    '{"messages": [{"role", "content"}, ...]} (loss on the assistant turns)',
+    'a string or {"text": str} (loss on every token)',
+)
+# Keys that decide an example's form; any other key (e.g. "category", "id") is metadata and ignored.
+_FORMS = {
+    frozenset({"prompt", "response"}): "prompt/response",
+    frozenset({"prompt", "completion"}): "prompt/completion",
+    frozenset({"messages"}): "messages",
+    frozenset({"text"}): "text",
+}
+_FORM_KEYS = frozenset().union(*_FORMS)
 _FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".txt")
+_LOGGED_FORMATS: set[tuple[str, str]] = set()
+
+
+def _positive_int(value: Any, name: str, error: type[Exception] = ConfigError) -> int:
+    """``value`` if it is an integer >= 1 (bools are not), else ``error`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise error(f"{name}={value!r} must be a positive integer (>= 1).")
+    return int(value)
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None:
+        _positive_int(limit, "limit")
 
 
 # ----------------------------------------------------------------------------------------------------------- readers
@@ -125,13 +167,19 @@ def load_pairs(
         limit: keep at most this many rows (the first ones, in file order).
 
     Other columns are kept. Raises ``DataError`` (a ``ValueError``) naming the file and line for malformed lines,
-    missing columns, blank values and empty sets.
+    missing columns, blank values and empty sets; ``limit`` must be a positive integer (``ConfigError``).
     """
+    _check_limit(limit)
     name, rows = _rows(source, split, limit)
     if not rows:
         raise DataError(f"{name}: no examples found (empty data set).")
     out = []
     for where, row in rows:
+        if isinstance(row, dict) and response_column == "response" and "response" not in row and "completion" in row:
+            raise DataError(
+                f"{where}: the row has TRL's 'completion' instead of 'response'; pass response_column='completion', "
+                "or read every example form with cast_peft.data.load_examples."
+            )
         example = {"prompt": _field(row, prompt_column, where)}
         if response_column is not None:
             example["response"] = _field(row, response_column, where)
@@ -146,6 +194,7 @@ def load_texts(source: Any, text_column: str = "text", limit: int | None = None,
     ``source`` is a ``.txt`` file (split into paragraphs at blank lines, or into lines when it has no blank line), a
     list of strings, or anything :func:`load_pairs` accepts (then ``text_column`` is read).
     """
+    _check_limit(limit)
     if isinstance(source, (str, os.PathLike)) and str(source).lower().endswith(".txt"):
         path = Path(source).expanduser()
         if not path.is_file():
@@ -161,6 +210,22 @@ def load_texts(source: Any, text_column: str = "text", limit: int | None = None,
             raise DataError(f"item {blank}: empty text.")
         return list(source[:limit])
     return [row["prompt"] for row in load_pairs(source, text_column, None, limit=limit, split=split)]
+
+
+def load_examples(source: Any, limit: int | None = None, split: str = "train") -> list[dict | str]:
+    """Load examples of any accepted form (:data:`EXAMPLE_FORMS`), each checked, as they are in ``source``.
+
+    ``source`` as for :func:`load_pairs`. A row with no form's keys (e.g. ``{"instruction", "output"}``, or a prompt
+    without a response) is a ``DataError`` naming its file and line; other keys are kept. ``limit`` keeps the first
+    rows and must be a positive integer.
+    """
+    _check_limit(limit)
+    name, rows = _rows(source, split, limit)
+    if not rows:
+        raise DataError(f"{name}: no examples found (empty data set).")
+    for where, row in rows:
+        example_form(row, where)
+    return [row for _, row in rows]
 
 
 def starter_set(kind: Literal["safety", "utility"], split: Literal["train", "test"] = "train") -> list[dict]:
@@ -179,8 +244,41 @@ def starter_set(kind: Literal["safety", "utility"], split: Literal["train", "tes
 
 
 # -------------------------------------------------------------------------------------------------------- formatting
-def _has_chat_template(tokenizer: Any) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
+def prompt_format(tokenizer: Any) -> str:
+    """How prompts are rendered for ``tokenizer``: ``"chat_template:<sha256 of the template>"``, or
+    :data:`FALLBACK_FORMAT` (``"fallback:instruction"``: :data:`FALLBACK_TEMPLATE`) when it has no chat template.
+
+    The one place that decides it: diagnosis, training and evaluation all render prompts through it. The choice is
+    logged once per tokenizer (and template). ``diagnose`` records it in the map's ``metadata["prompt_format"]``;
+    ``train_adapter`` records the training data's in the CAST config's ``source_map["train_prompt_format"]`` and warns
+    when it differs from the map's.
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    if template:
+        text = template if isinstance(template, str) else json.dumps(template, sort_keys=True)
+        fmt = "chat_template:" + hashlib.sha256(text.encode()).hexdigest()
+    else:
+        fmt = FALLBACK_FORMAT
+    name = getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
+    if (name, fmt) not in _LOGGED_FORMATS:
+        _LOGGED_FORMATS.add((name, fmt))
+        if template:
+            logger.info("Prompt format for tokenizer %r: its chat template (%s).", name, fmt)
+        else:
+            logger.warning(
+                "Prompt format for tokenizer %r: it has no chat template, so prompts are rendered with cast-peft's "
+                "fallback %r (%s) in diagnosis, training and evaluation alike. Set tokenizer.chat_template to use "
+                "another format.",
+                name,
+                FALLBACK_TEMPLATE,
+                FALLBACK_FORMAT,
+            )
+    return fmt
+
+
+def uses_chat_template(tokenizer: Any) -> bool:
+    """Whether prompts are rendered with the tokenizer's chat template (see :func:`prompt_format`)."""
+    return prompt_format(tokenizer) != FALLBACK_FORMAT
 
 
 def format_chat(tokenizer: Any, prompt: str, response: str | None = None) -> tuple[str, str]:
@@ -190,7 +288,7 @@ def format_chat(tokenizer: Any, prompt: str, response: str | None = None) -> tup
     :data:`FALLBACK_TEMPLATE` when the tokenizer has no chat template); ``full_text`` is
     ``prompt_text + response + eos_token`` (just ``prompt_text`` when ``response`` is None).
     """
-    if _has_chat_template(tokenizer):
+    if uses_chat_template(tokenizer):
         messages = [{"role": "user", "content": prompt}]
         prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     else:
@@ -202,25 +300,174 @@ def format_chat(tokenizer: Any, prompt: str, response: str | None = None) -> tup
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
     # Chat templates already insert BOS and friends, so only add special tokens for the plain fallback template.
-    return list(tokenizer(text, add_special_tokens=not _has_chat_template(tokenizer))["input_ids"])
+    return list(tokenizer(text, add_special_tokens=not uses_chat_template(tokenizer))["input_ids"])
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+# ----------------------------------------------------------------------------------------------------- example forms
+def _refuse(where: str, reason: str) -> NoReturn:
+    raise DataError(f"{where}: {reason}. Accepted example forms: {'; '.join(EXAMPLE_FORMS)}.")
+
+
+def _check_text(value: Any, where: str, key: str) -> None:
+    if not isinstance(value, str):
+        _refuse(where, f"{key!r} must hold text, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(f"{where}: empty value in {key!r}.")
+
+
+def _check_messages(value: Any, where: str, key: str) -> None:
+    if not isinstance(value, list) or not value:
+        _refuse(where, f"{key!r} must be a non-empty list of {{'role', 'content'}} messages")
+    for i, message in enumerate(value):
+        if not (isinstance(message, Mapping) and isinstance(message.get("role"), str)):
+            _refuse(where, f"{key}[{i}] must be a {{'role': str, 'content': str}} message, got {message!r:.80}")
+        if not isinstance(message.get("content"), str):
+            _refuse(where, f"{key}[{i}]['content'] must be a string (text-only conversations)")
+
+
+def example_form(example: Any, where: str = "example") -> str:
+    """The form of one example: ``"prompt/response"``, ``"prompt/completion"`` (two strings), ``"conversational
+    prompt/completion"`` (two lists of messages), ``"messages"`` or ``"text"`` (a string or ``{"text"}``).
+
+    The one place that recognises forms (:func:`make_batches`, ``TokenizedDataset`` and :func:`load_examples` ask
+    it). An example is a form's keys plus any other keys, which are metadata and ignored (``"category"``, ``"id"``);
+    one that has no form's keys, or those of two forms, is a ``DataError`` naming ``where`` and the accepted forms.
+    """
+    if isinstance(example, str):
+        _check_text(example, where, "text")
+        return "text"
+    if not isinstance(example, Mapping):
+        _refuse(where, f"expected a string or a dict, got {type(example).__name__}")
+    keys = frozenset(example) & _FORM_KEYS
+    form = _FORMS.get(keys)
+    if form is None:
+        if keys == {"prompt"}:
+            reason = (
+                "it has a 'prompt' but no 'response' or 'completion' to score (for a loss on the prompt text "
+                "itself, pass it as a string or {'text': ...})"
+            )
+        elif keys:
+            reason = f"its keys {sorted(keys)} mix several forms"
+        else:
+            named = "'prompt', 'response', 'completion', 'messages' or 'text'"
+            reason = f"none of its keys {sorted(map(str, example))} is {named}"
+        _refuse(where, reason)
+    if form == "messages":
+        _check_messages(example["messages"], where, "messages")
+        if not any(m["role"] == "assistant" for m in example["messages"]):
+            _refuse(where, "the conversation has no assistant turn, so nothing would be scored")
+        return form
+    if form == "prompt/completion" and isinstance(example["prompt"], list):
+        _check_messages(example["prompt"], where, "prompt")
+        _check_messages(example["completion"], where, "completion")
+        return "conversational prompt/completion"
+    for key in keys:
+        _check_text(example[key], where, key)
+    return form
+
+
+def tokenize_example(tokenizer: Any, example: Any, max_length: int = 256, where: str = "example") -> dict:
+    """Tokenize one example of any form (:func:`example_form`) with its loss mask in ``labels``.
+
+    Pairs (``prompt`` + ``response`` or string ``completion``) go through :func:`tokenize_pair`: the prompt is
+    rendered as a user turn with the chat template. (TRL concatenates a string prompt and completion without the
+    template; here both pair forms are the same pair, so a map or adapter does not depend on the column name.)
+    Conversations go through :func:`tokenize_messages`: loss on the assistant turns of ``messages``, or on the
+    ``completion`` turns of a conversational prompt/completion. Texts: loss on every token.
+    """
+    form = example_form(example, where)
+    if form == "text":
+        return tokenize_text(tokenizer, example if isinstance(example, str) else example["text"], max_length)
+    if form in ("prompt/response", "prompt/completion"):
+        response = example["response" if form == "prompt/response" else "completion"]
+        return tokenize_pair(tokenizer, example["prompt"], response, max_length, index=where)
+    if form == "messages":
+        messages = list(example["messages"])
+        scored = [m["role"] == "assistant" for m in messages]
+    else:
+        messages = [*example["prompt"], *example["completion"]]
+        scored = [False] * len(example["prompt"]) + [True] * len(example["completion"])
+    return tokenize_messages(tokenizer, messages, scored, max_length, where)
+
+
+def _fallback_turn(tokenizer: Any, message: Mapping[str, str]) -> str:
+    # The fallback rendering of one turn; a user turn followed by an assistant turn is exactly format_chat's pair.
+    if message["role"] == "user":
+        return FALLBACK_TEMPLATE.format(prompt=message["content"])
+    if message["role"] == "assistant":
+        return message["content"] + (tokenizer.eos_token or "")
+    return message["content"] + "\n\n"  # system (or another role): plain text before the next turn
+
+
+def tokenize_messages(
+    tokenizer: Any,
+    messages: Sequence[Mapping[str, str]],
+    scored: Sequence[bool],
+    max_length: int = 256,
+    where: str = "example",
+) -> dict[str, list[int]]:
+    """Tokenize a conversation with ``labels`` on the turns flagged in ``scored`` only (TRL's assistant-only loss).
+
+    The conversation is rendered with the chat template, or without one turn by turn: system text + blank line,
+    :data:`FALLBACK_TEMPLATE` per user turn, content + EOS per assistant turn. A scored turn spans from the end of the
+    conversation before it rendered with the generation prompt (not scored) to the end of the conversation up to and
+    including it (its end-of-turn tokens are scored), both found as common token prefixes of the whole rendering, so
+    no ``{% generation %}`` markers are needed in the template. A conversation longer than ``max_length`` loses
+    unscored tokens from the left first, then its end.
+    """
+    chat = uses_chat_template(tokenizer)
+
+    def render(turns: Sequence[Mapping[str, str]], generation_prompt: bool) -> str:
+        if not chat:
+            return "".join(_fallback_turn(tokenizer, m) for m in turns)
+        try:
+            return tokenizer.apply_chat_template(list(turns), tokenize=False, add_generation_prompt=generation_prompt)
+        except Exception as err:  # jinja raises e.g. on roles the template does not allow
+            raise DataError(
+                f"{where}: the tokenizer's chat template cannot render this conversation ({type(err).__name__}: "
+                f"{err}). Fix the roles/order of its messages."
+            ) from None
+
+    ids = _encode(tokenizer, render(messages, False))
+    labels = [IGNORE_INDEX] * len(ids)
+    for i, score in enumerate(scored):
+        if score:
+            start = _common_prefix(_encode(tokenizer, render(messages[:i], True)), ids) if i else 0
+            end = _common_prefix(_encode(tokenizer, render(messages[: i + 1], False)), ids)
+            labels[start:end] = ids[start:end]
+    if len(ids) > max_length:
+        first = next((j for j, label in enumerate(labels) if label != IGNORE_INDEX), len(ids))
+        drop = min(len(ids) - max_length, max(first - 1, 0))  # keep one token of context before the first scored one
+        ids, labels = ids[drop : drop + max_length], labels[drop : drop + max_length]
+    if all(label == IGNORE_INDEX for label in labels[1:]):
+        raise DataError(
+            f"{where}: no scored (assistant/completion) token left after tokenization (max_length={max_length}, "
+            f"{len(ids)} tokens); use a larger max_length or shorter earlier turns."
+        )
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
 def tokenize_pair(
-    tokenizer: Any, prompt: str, response: str, max_length: int = 256, index: int | None = None
+    tokenizer: Any, prompt: str, response: str, max_length: int = 256, index: int | str | None = None
 ) -> dict[str, list[int]]:
     """Tokenize one pair with loss masking: ``labels`` is ``-100`` on prompt tokens and equals ``input_ids`` on the
     response (+ EOS) tokens.
 
     The prompt and the full text are tokenized separately; the prompt length is their common token prefix. When the
     pair is longer than ``max_length``, prompt tokens are dropped from the left first; a response longer than the
-    window keeps its first ``max(max_length - prompt_len, max_length // 2)`` tokens. Raises ``ValueError`` (naming
-    ``index``) when no response token is left.
+    window keeps its first ``max(max_length - prompt_len, max_length // 2)`` tokens. Raises ``DataError`` (naming
+    ``index``: an example number or a location) when no response token is left.
     """
     prompt_text, full_text = format_chat(tokenizer, prompt, response)
     prompt_ids, ids = _encode(tokenizer, prompt_text), _encode(tokenizer, full_text)
-    n_prompt = 0
-    while n_prompt < min(len(prompt_ids), len(ids)) and prompt_ids[n_prompt] == ids[n_prompt]:
-        n_prompt += 1
+    n_prompt = _common_prefix(prompt_ids, ids)
     n_resp = len(ids) - n_prompt
     if len(ids) > max_length:
         keep_resp = min(n_resp, max(max_length - n_prompt, max_length // 2))
@@ -228,8 +475,8 @@ def tokenize_pair(
         ids = ids[n_prompt - keep_prompt : n_prompt + keep_resp]
         n_prompt, n_resp = keep_prompt, keep_resp
     if n_resp <= 0:
-        label = f"example {index}" if index is not None else "example"
-        raise ValueError(
+        label = index if isinstance(index, str) else f"example {index}" if index is not None else "example"
+        raise DataError(
             f"{label}: no response tokens left after tokenization (max_length={max_length}, prompt tokens="
             f"{n_prompt}); use a non-empty response or a larger max_length."
         )
@@ -241,7 +488,7 @@ def tokenize_text(tokenizer: Any, text: str, max_length: int = 256) -> dict[str,
     """Tokenize a plain text for language modelling (``labels == input_ids``), truncated to ``max_length``."""
     ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])[:max_length]
     if not ids:
-        raise ValueError(f"text {text[:40]!r} produced no tokens.")
+        raise DataError(f"text {text[:40]!r} produced no tokens.")
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)}
 
 
@@ -268,28 +515,45 @@ def collate(features: Sequence[dict[str, list[int]]], pad_token_id: int) -> dict
 def make_batches(
     tokenizer: Any, examples: Iterable[dict | str], batch_size: int = 8, max_length: int = 256
 ) -> list[dict[str, torch.Tensor]]:
-    """Tokenize and collate examples into batches, in the given order (deterministic, no shuffling).
-
-    Each example is a pair dict (``prompt`` + ``response``: loss on the response only), a dict with only ``text`` or
-    only ``prompt``, or a plain string (language-modelling loss on every token).
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    features = []
-    for i, ex in enumerate(examples):
-        if isinstance(ex, str):
-            features.append(tokenize_text(tokenizer, ex, max_length))
-        elif isinstance(ex, dict) and "prompt" in ex and "response" in ex:
-            features.append(tokenize_pair(tokenizer, ex["prompt"], ex["response"], max_length, index=i))
-        elif isinstance(ex, dict) and ("text" in ex or "prompt" in ex):
-            features.append(tokenize_text(tokenizer, ex.get("text", ex.get("prompt")), max_length))
-        else:
-            raise DataError(f"example {i}: expected a string or a dict with 'prompt'/'response' or 'text'.")
+    """Tokenize and collate examples of any accepted form (:data:`EXAMPLE_FORMS`, :func:`tokenize_example`) into
+    batches, in the given order (deterministic, no shuffling)."""
+    batch_size, max_length = _positive_int(batch_size, "batch_size"), _positive_int(max_length, "max_length")
+    features = [tokenize_example(tokenizer, ex, max_length, f"example {i}") for i, ex in enumerate(examples)]
     if not features:
         raise DataError("make_batches() got no examples.")
     # Padded positions are masked out, so any id works when the tokenizer defines neither PAD nor EOS.
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
     return [collate(features[i : i + batch_size], pad_id) for i in range(0, len(features), batch_size)]
+
+
+# ---------------------------------------------------------------------------------------------------- model context
+def context_length(model: Any) -> tuple[str, int] | None:
+    """``(config field, value)`` of the longest sequence ``model`` takes (``n_positions`` for GPT-2, else
+    ``max_position_embeddings``), or ``None`` when its config says nothing."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return name, value
+    return None
+
+
+def fit_max_length(model: Any, max_length: int) -> int:
+    """``max_length``, lowered (with a log line) to the model's context: longer inputs would index past GPT-2's
+    position table."""
+    max_length = _positive_int(max_length, "max_length")
+    context = context_length(model)
+    if context is not None and max_length > context[1]:
+        logger.warning(
+            "max_length=%d is longer than the model's context (config.%s=%d); sequences are cut to %d tokens.",
+            max_length,
+            *context,
+            context[1],
+        )
+        return context[1]
+    return max_length
 
 
 # ------------------------------------------------------------------------------------------------ shared benchmarks

@@ -108,12 +108,28 @@ class HeadCounts:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> HeadCounts:
-        try:
-            return cls(
-                **{key: data[key] for key in ("model_type", "num_layers", "num_heads", "num_kv_heads", "head_dim")}
+        """Counts from :meth:`to_dict` output (e.g. a hand-edited ``cast_config.json``), each value checked: a bad
+        one is a ``ConfigError`` naming it, never a ``TypeError`` or ``ZeroDivisionError`` later."""
+        fix = "rebuild it from the model (get_peft_model or diagnose write it)"
+        if not isinstance(data, Mapping):
+            raise ConfigError(
+                f"Attention geometry must be a mapping of head counts, got {type(data).__name__}; {fix}."
             )
-        except KeyError as err:
-            raise ValueError(f"Attention geometry {dict(data)} lacks {err}; rebuild it from the model.") from None
+        missing = [key for key in ("model_type", *_COUNT_FIELDS) if key not in data]
+        if missing:
+            raise ConfigError(f"Attention geometry {dict(data)} lacks {missing}; {fix}.")
+        if not isinstance(data["model_type"], str):
+            raise ConfigError(f"Attention geometry: model_type={data['model_type']!r} must be a string; {fix}.")
+        for key in _COUNT_FIELDS:
+            value = data[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"Attention geometry: {key}={value!r} must be a positive integer; {fix}.")
+        if data["num_heads"] % data["num_kv_heads"]:
+            raise ConfigError(
+                f"Attention geometry: num_heads={data['num_heads']} is not a multiple of "
+                f"num_kv_heads={data['num_kv_heads']} (each KV head serves a whole group of query heads); {fix}."
+            )
+        return cls(data["model_type"], *(int(data[key]) for key in _COUNT_FIELDS))
 
     @classmethod
     def from_model_config(cls, config: Any) -> HeadCounts:
@@ -126,11 +142,18 @@ class HeadCounts:
         num_heads = _first_attr(config, "num_attention_heads", "n_head")
         num_layers = _first_attr(config, "num_hidden_layers", "n_layer")
         hidden = _first_attr(config, "hidden_size", "n_embd")
+        for name, value in (("num_attention_heads", num_heads), ("num_hidden_layers", num_layers)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"The model config's {name}={value!r} is not a positive integer.")
         num_kv = getattr(config, "num_key_value_heads", None) or num_heads
         head_dim = getattr(config, "head_dim", None) or hidden // num_heads
-        if num_heads % num_kv:
+        if isinstance(num_kv, int) and num_kv > 0 and num_heads % num_kv:
             raise UnsupportedArchitectureError(f"{num_heads} query heads cannot be grouped over {num_kv} KV heads.")
-        return cls(model_type, int(num_layers), int(num_heads), int(num_kv), int(head_dim))
+        counts = {"num_layers": num_layers, "num_heads": num_heads, "num_kv_heads": num_kv, "head_dim": head_dim}
+        return cls.from_dict({"model_type": model_type, **counts})
+
+
+_COUNT_FIELDS = ("num_layers", "num_heads", "num_kv_heads", "head_dim")
 
 
 class _DictConfig:

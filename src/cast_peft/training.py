@@ -7,6 +7,7 @@ is the response-only loss masking of :mod:`cast_peft.data` and deterministic, re
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,22 +15,27 @@ import torch
 from peft import PeftConfig, PeftModel, get_peft_model
 from torch.utils.data import Dataset
 
-from .data import IGNORE_INDEX, collate, tokenize_pair, tokenize_text
+from ._core.errors import CastWarning, ConfigError, DataError
+from .data import IGNORE_INDEX, _positive_int, collate, example_form, fit_max_length, prompt_format, tokenize_example
 from .models import check_cpu_4bit_layout
 
 
 class TokenizedDataset(Dataset):
-    """Pairs (loss on responses only) or plain texts, tokenized once up front."""
+    """Examples of any accepted form (``cast_peft.data.EXAMPLE_FORMS``: pairs, TRL prompt/completion, conversations,
+    plain texts), tokenized once up front with their loss masks.
 
-    def __init__(self, tokenizer: Any, examples: list[dict | str], max_length: int = 256):
+    ``prompt_format`` is the tokenizer's :func:`cast_peft.data.prompt_format` when some example is rendered with it
+    (anything but plain text), else ``None``.
+    """
+
+    def __init__(self, tokenizer: Any, examples: Any, max_length: int = 256):
+        examples = [] if examples is None else list(examples)
         if not examples:
-            raise ValueError("The training set is empty; pass at least one {prompt, response} pair or text.")
-        self.features = [
-            tokenize_text(tokenizer, ex, max_length)
-            if isinstance(ex, str)
-            else tokenize_pair(tokenizer, ex["prompt"], ex["response"], max_length, index=i)
-            for i, ex in enumerate(examples)
-        ]
+            raise DataError("The training set is empty; pass at least one example (e.g. {prompt, response} pairs).")
+        max_length = _positive_int(max_length, "max_length")
+        forms = [example_form(ex, f"example {i}") for i, ex in enumerate(examples)]
+        self.features = [tokenize_example(tokenizer, ex, max_length, f"example {i}") for i, ex in enumerate(examples)]
+        self.prompt_format = prompt_format(tokenizer) if any(form != "text" for form in forms) else None
 
     def __len__(self) -> int:
         return len(self.features)
@@ -72,29 +78,49 @@ def train_adapter(
     """Train an adapter on ``train_data`` and return the peft model (the adapter is also saved to ``output_dir``).
 
     ``model`` is a base model (``peft_config`` then builds the adapter with peft's ``get_peft_model``) or an existing
-    ``PeftModel`` (``peft_config=None``). Data order, dropout and LoRA init follow ``seed``. Checkpoints go to
+    ``PeftModel`` (``peft_config=None``). ``train_data`` holds examples of any form TRL's SFTTrainer takes
+    (``cast_peft.data.EXAMPLE_FORMS``). Data order, dropout and LoRA init follow ``seed``. Checkpoints go to
     ``output_dir/checkpoints`` every ``save_steps``; pass ``resume_from_checkpoint=True`` to continue the last one.
     Extra keyword arguments go to `transformers.TrainingArguments`.
+
+    Counts (``max_steps``, ``batch_size``, ...) must be positive integers, and the data is tokenized (``max_length``
+    lowered to the model's context) before the model is touched. With a ``CASTLoraConfig``, the training data's
+    prompt format is recorded in its ``source_map["train_prompt_format"]`` (saved in ``cast_config.json``), with a
+    ``CastWarning`` when it differs from the format the conflict map was diagnosed with.
     """
     from transformers import Trainer, TrainingArguments, set_seed
 
+    # Every count is checked before any work: 0 or -1 would mean "epochs" or "untrained" to Trainer.
+    for name, value in (
+        ("max_steps", max_steps),
+        ("batch_size", batch_size),
+        ("gradient_accumulation_steps", gradient_accumulation_steps),
+        ("max_length", max_length),
+        ("logging_steps", logging_steps),
+    ):
+        _positive_int(value, name)
+    if save_steps is not None:
+        _positive_int(save_steps, "save_steps")
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
-        raise ValueError("The tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token first.")
+        raise ConfigError("The tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token first.")
+    if isinstance(model, PeftModel):
+        if peft_config is not None:
+            raise ConfigError("`model` is already a PeftModel; pass peft_config=None or the unwrapped base model.")
+    elif peft_config is None:
+        raise ConfigError("Pass a peft_config (e.g. CASTLoraConfig(...)) to train an adapter on a base model.")
+    # Tokenized before the model is touched, so bad data leaves it as it was.
+    dataset = TokenizedDataset(tokenizer, train_data, fit_max_length(model, max_length))
+    _record_prompt_format(peft_config or model.peft_config[model.active_adapter], dataset.prompt_format)
     set_seed(seed)
     check_cpu_4bit_layout(model)
     if isinstance(model, PeftModel):
-        if peft_config is not None:
-            raise ValueError("`model` is already a PeftModel; pass peft_config=None or the unwrapped base model.")
         peft_model = model
     else:
-        if peft_config is None:
-            raise ValueError("Pass a peft_config (e.g. CASTLoraConfig(...)) to train an adapter on a base model.")
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
             model.config.use_cache = False
         peft_model = get_peft_model(model, peft_config)
-    dataset = TokenizedDataset(tokenizer, train_data, max_length)
     output_dir = Path(output_dir)
     args = TrainingArguments(
         output_dir=str(output_dir / "checkpoints"),
@@ -122,6 +148,24 @@ def train_adapter(
         # Attention adapters never touch the embeddings; "auto" would look the base model up on the hub.
         peft_model.save_pretrained(output_dir / "adapter", save_embedding_layers=False)
     return peft_model
+
+
+def _record_prompt_format(config: PeftConfig, data_format: str | None) -> None:
+    """Warn when a CAST config's conflict map was diagnosed on prompts of another format than the training data's,
+    and record the training data's in ``source_map["train_prompt_format"]`` (saved in ``cast_config.json``)."""
+    if data_format is None or not hasattr(config, "source_map"):  # plain texts, or not a CASTLoraConfig
+        return
+    source = dict(config.source_map or {})
+    map_format = source.get("prompt_format")
+    if map_format is not None and map_format != data_format:
+        warnings.warn(
+            f"The conflict map behind this CAST config was diagnosed on prompts rendered as {map_format!r}, but the "
+            f"training data is rendered as {data_format!r} (cast_peft.data.prompt_format of this tokenizer), so the "
+            "skip set may not fit this data. Diagnose with the tokenizer (chat template) used for training.",
+            CastWarning,
+            stacklevel=3,
+        )
+    config.source_map = {**source, "train_prompt_format": data_format}
 
 
 __all__ = ["IGNORE_INDEX", "TokenizedDataset", "train_adapter"]

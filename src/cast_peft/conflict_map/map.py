@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import os
 import warnings
 from collections.abc import Mapping
@@ -28,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .._core.errors import ConflictMapError
+from .._core.errors import CastWarning, ConfigError, ConflictMapError
 from .._core.io import atomic_write, atomic_write_text
 from ..geometry import AttentionGeometry, HeadCounts
 
@@ -61,6 +62,14 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not one of {allowed}.")
     return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_finite_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def rank01(x: torch.Tensor) -> torch.Tensor:
@@ -170,8 +179,10 @@ class ConflictMap:
         self.fs_kv_signed = fs_kv_signed.detach().double().cpu()
         self.metadata: dict[str, Any] = dict(metadata or {})
         self.extras = {name: t.detach().cpu() for name, t in (extras or {}).items()}
-        for name, value in [("fs_signed", self.fs_signed), *self.stats.items()]:
-            if not torch.isfinite(value).all():
+        stored = {"fs_signed": self.fs_signed, "fs_kv_signed": self.fs_kv_signed}
+        stored |= {f"stats[{role!r}]": t for role, t in self.stats.items()} | self.extras
+        for name, value in stored.items():
+            if value.is_floating_point() and not torch.isfinite(value).all():
                 raise ConflictMapError(
                     f"{name} has NaN/inf entries; diagnose again (the losses or gradients diverged)."
                 )
@@ -246,7 +257,7 @@ class ConflictMap:
         Pass it to ``CASTLoraConfig(skip_kv_heads=...)``; same arguments as :meth:`select`.
         """
         if self.score_kv is None:
-            raise ValueError(
+            raise ConfigError(
                 "This map scores k/v inside each head (kv_scoring='shared'); use "
                 "`cmap.rescore(kv_scoring='separate').select_kv(...)`, or select query heads with "
                 "`select(...)` and let CASTLoraConfig's kv_head_policy decide the KV heads."
@@ -262,19 +273,25 @@ class ConflictMap:
             if v is not None
         ]
         if len(given) > 1:
-            raise ValueError(f"Give one budget, not {given}: skip_ratio, skip_k or threshold.")
+            raise ConfigError(f"Give one budget, not {given}: skip_ratio, skip_k or threshold.")
+        if not _is_int(seed):
+            raise ConfigError(f"seed={seed!r} must be an integer.")
         n = score.numel()
         if skip_k is not None:
+            if not _is_int(skip_k):
+                raise ConfigError(f"skip_k={skip_k!r} must be an integer count of heads (e.g. skip_k=3).")
             k = int(skip_k)
         elif threshold is not None:
+            if not _is_finite_real(threshold):
+                raise ConfigError(f"threshold={threshold!r} must be a finite number (a score; scores are in [0, 1]).")
             k = int((score >= threshold).sum())  # the budget always comes from the score: controls match it
         else:
-            ratio = DEFAULT_SKIP_RATIO if skip_ratio is None else float(skip_ratio)
-            if not 0 <= ratio < 1:
-                raise ValueError(f"skip_ratio={ratio} must be in [0, 1).")
+            ratio = DEFAULT_SKIP_RATIO if skip_ratio is None else skip_ratio
+            if not _is_finite_real(ratio) or not 0 <= ratio < 1:
+                raise ConfigError(f"skip_ratio={ratio!r} must be in [0, 1) (a fraction of all heads).")
             k = int(round(ratio * n))
         if not 0 <= k < n:
-            raise ValueError(
+            raise ConfigError(
                 f"Skipping {k} of {n} heads is not possible: skip at least 0 and fewer than all "
                 f"(lower skip_k / skip_ratio, or raise threshold)."
             )
@@ -282,6 +299,14 @@ class ConflictMap:
             chosen = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k]
         else:
             values = {"score": score, "oc": oc, "fs": fs}[policy].reshape(-1)
+            if k and bool((values == values[0]).all()):
+                warnings.warn(
+                    f"Every head has the same {policy} ({float(values[0]):.4g}), so there is nothing to rank: the "
+                    f"{k} heads picked are simply the first by index. The map carries no signal; diagnose with more "
+                    "(or other) calibration data.",
+                    CastWarning,
+                    stacklevel=3,
+                )
             chosen = torch.sort(-values, stable=True).indices[:k]
         width = score.shape[1]
         result: dict[int, list[int]] = {}

@@ -55,6 +55,7 @@ from ..conflict_map.map import (
     NORMALIZATIONS,
     ConflictMap,
 )
+from ..data import _positive_int, context_length, fit_max_length, prompt_format
 from ..geometry import AttentionGeometry
 from ..models import check_cpu_4bit_layout
 from .ablation import IGNORE_INDEX, ablated_losses, ablation_units, row_losses
@@ -105,10 +106,14 @@ def diagnose(
             a peft-wrapped model is diagnosed on its base weights. It is left as found (training mode,
             ``requires_grad`` flags), also on error.
         tokenizer: needed when the data are examples rather than tokenized batches.
-        safety_data, utility_data: a list of ``{"prompt", "response"}`` dicts (loss on the response tokens) or of
-            plain strings (loss on every token), a ``datasets.Dataset`` of those, a list of tokenized batches
-            (``input_ids``, ``attention_mask``, ``labels`` with -100 on unscored tokens), or a DataLoader of batches.
-        batch_size, max_length: tokenization of examples (``cast_peft.data.make_batches``).
+        safety_data, utility_data: a list of examples in any form of ``cast_peft.data.EXAMPLE_FORMS`` (the forms
+            TRL's SFTTrainer takes: ``{"prompt", "response"}`` or ``{"prompt", "completion"}`` pairs, loss on the
+            response; ``{"messages"}`` conversations, loss on the assistant turns; plain strings or ``{"text"}``,
+            loss on every token), a ``datasets.Dataset`` of those, a list of tokenized batches (``input_ids``,
+            ``attention_mask``, ``labels`` with -100 on unscored tokens), or a DataLoader of batches. The
+            tokenizer's prompt format (``cast_peft.data.prompt_format``) is recorded in ``metadata["prompt_format"]``.
+        batch_size, max_length: tokenization of examples (``cast_peft.data.make_batches``); ``max_length`` is
+            lowered to the model's context (``n_positions`` / ``max_position_embeddings``) with a log line.
         sensitivity: ``"taylor"`` (free: same backward pass) or ``"ablation"`` (exact; ``layers x heads`` extra
             forward passes per utility batch, ``ablation_chunk`` heads per pass).
         kv_scoring: ``"separate"`` (default: q/o scored per query head, k/v per KV head, see
@@ -122,6 +127,8 @@ def diagnose(
         shard: split the batches over ``torch.distributed`` processes; ``None``: when distributed, unless the
             data is a DataLoader that is already sharded.
     """
+    _positive_int(batch_size, "batch_size")
+    max_length = fit_max_length(model, max_length)  # GPT-2 indexes past its position table otherwise
     run = Diagnosis(
         model,
         sensitivity=sensitivity,
@@ -138,7 +145,10 @@ def diagnose(
     )
     for objective, data in (("safety", safety_data), ("utility", utility_data)):
         run.add(objective, prepare_batches(data, tokenizer, batch_size, max_length, objective), shard=shard)
-    return run.conflict_map()
+    cmap = run.conflict_map()
+    if tokenizer is not None:
+        cmap.metadata["prompt_format"] = prompt_format(tokenizer)  # so a map meets training data of its own format
+    return cmap
 
 
 class Diagnosis:
@@ -176,7 +186,14 @@ class Diagnosis:
                 raise ValueError(f"{name}={value!r} is not one of {allowed}.")
         if sketch_dim < 1 or ablation_chunk < 1:
             raise ValueError("sketch_dim and ablation_chunk must be >= 1.")
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if getattr(base, "get_output_embeddings", lambda: None)() is None:
+            raise DiagnosisError(
+                f"{type(base).__name__} has no language-model head (a bare transformer, as AutoModel loads), so it "
+                "has no loss to diagnose. Load the model with AutoModelForCausalLM.from_pretrained(...)."
+            )
         self.model, self.seed, self.progress = model, seed, progress
+        self.context = context_length(model)
         self.geometry = AttentionGeometry.from_model(model)
         check_cpu_4bit_layout(model)
         self.projections = hooked_projections(model, self.geometry)
@@ -279,7 +296,7 @@ class Diagnosis:
         vocab: int,
         accumulate_ablation: bool,
     ) -> None:
-        batch = check_batch(raw, objective, index, vocab)
+        batch = check_batch(raw, objective, index, vocab, self.context)
         self.digests[objective].append((index, digest(batch)))
         batch = {key: value.to(device) for key, value in batch.items()}
         losses = row_losses(self.model, batch)

@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from ..data import format_chat
+from .._core.errors import ConfigError
+from ..data import context_length, format_chat, uses_chat_template
+
+
+logger = logging.getLogger(__name__)
 
 
 def prompt_text(tokenizer: Any, prompt: str) -> str:
@@ -22,12 +27,8 @@ def encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
-def has_template(tokenizer: Any) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
 def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
-    return encode(tokenizer, prompt_text(tokenizer, prompt), add_special_tokens=not has_template(tokenizer))
+    return encode(tokenizer, prompt_text(tokenizer, prompt), add_special_tokens=not uses_chat_template(tokenizer))
 
 
 def split_encode(tokenizer: Any, context: str, continuation: str, add_special_tokens: bool) -> tuple[list, list]:
@@ -41,7 +42,7 @@ def split_encode(tokenizer: Any, context: str, continuation: str, add_special_to
 
 def chat_split(tokenizer: Any, prompt: str, continuation: str) -> tuple[list, list]:
     text = prompt_text(tokenizer, prompt)
-    return split_encode(tokenizer, text, continuation, add_special_tokens=not has_template(tokenizer))
+    return split_encode(tokenizer, text, continuation, add_special_tokens=not uses_chat_template(tokenizer))
 
 
 def padding_id(tokenizer: Any) -> int:
@@ -130,8 +131,19 @@ def continuation_logprobs(
     """Per-token log p(continuation | context) for each (context_ids, continuation_ids) pair.
 
     With ``max_length`` the continuation is cut to ``max_length - 1`` tokens and the context keeps its last tokens
-    (lm-eval's left truncation). A pair needs at least one context token.
+    (lm-eval's left truncation); ``max_length`` is at most the model's context (``n_positions`` for GPT-2), and
+    longer pairs are cut so, with a log line. A pair needs at least one context token.
     """
+    context = context_length(model)
+    if context is not None and (max_length is None or max_length > context[1]):
+        if any(len(ctx) + len(cont) > context[1] for ctx, cont in pairs):
+            logger.warning(
+                "%s: inputs longer than the model's context (config.%s=%d) are cut to it (the continuation keeps "
+                "its first tokens, the context its last ones).",
+                desc,
+                *context,
+            )
+        max_length = context[1]
     seqs = []
     for ctx, cont in pairs:
         if max_length is not None:
@@ -164,7 +176,28 @@ def continuation_logprobs(
 def generate_ids(
     model: Any, tokenizer: Any, seqs: Sequence[list[int]], max_new_tokens: int, batch_size: int, progress: bool
 ) -> list[list[int]]:
-    """Greedy continuations (token ids, cut before the first EOS) of left-padded prompts."""
+    """Greedy continuations (token ids, cut before the first EOS) of left-padded prompts.
+
+    A prompt that leaves fewer than ``max_new_tokens`` positions of the model's context keeps its last tokens (with a
+    log line); ``max_new_tokens`` must fit in the context.
+    """
+    context = context_length(model)
+    if context is not None:
+        room = context[1] - max_new_tokens
+        if room < 1:
+            raise ConfigError(
+                f"max_new_tokens={max_new_tokens} leaves no room for the prompt in the model's context "
+                f"(config.{context[0]}={context[1]}); use max_new_tokens < {context[1]}."
+            )
+        if any(len(s) > room for s in seqs):
+            logger.warning(
+                "Prompts longer than %d tokens (config.%s=%d minus max_new_tokens=%d) keep their last %d tokens.",
+                room,
+                *context,
+                max_new_tokens,
+                room,
+            )
+            seqs = [s[-room:] for s in seqs]
     pad_id, eos = padding_id(tokenizer), eos_ids(model, tokenizer)
     device = input_device(model)
     out: list[list[int]] = [[] for _ in seqs]

@@ -8,9 +8,11 @@ CAST's settings (the skip set and the model's head geometry) are written beside 
 from __future__ import annotations
 
 import json
+import numbers
+import operator
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,33 +34,49 @@ _CAST_FIELDS = ("skip_heads", "skip_kv_heads", "kv_head_policy", "attention_geom
 _ALLOWED_INITS = (True, False, "gaussian")
 
 
+def _index(value: Any) -> int:
+    """An index from an integer (numpy and 0-d tensor ones too) or a string of digits (JSON keys); bools, floats
+    such as 1.7 (which ``int()`` would silently truncate) and other text raise ``TypeError``."""
+    if isinstance(value, str) and value.strip().removeprefix("-").isdigit():
+        return int(value)
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise TypeError(value)
+    return operator.index(value)  # ints, numpy ints, 0-d integer tensors; floats raise TypeError
+
+
 def normalize_head_map(value: Any, name: str = "skip_heads") -> dict[int, list[int]]:
-    """Turn ``{layer: [heads]}`` (JSON text, string keys, tuples, sets) into ``{int: sorted unique ints}``."""
+    """Turn ``{layer: [heads]}`` (JSON text, string keys, tuples, sets) into ``{int: sorted unique ints}``.
+
+    Layers and heads must be integers >= 0 (or strings of digits, as JSON keys are); anything else, bools and floats
+    included, is a ``ConfigError``.
+    """
     if value is None:
         return {}
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except json.JSONDecodeError as err:
-            raise ValueError(
+            raise ConfigError(
                 f"`{name}` is not valid JSON ({err.msg} at char {err.pos}); pass a mapping like "
                 f'{{"3": [0, 5], "7": [2]}} (layer -> skipped head indices).'
             ) from None
     if not isinstance(value, Mapping):
-        raise ValueError(
+        raise ConfigError(
             f"`{name}` must map layer index -> list of head indices, e.g. {{3: [0, 5]}}; got {type(value).__name__}."
         )
     result: dict[int, list[int]] = {}
     for layer, heads in value.items():
         try:
-            layer_index = int(layer)
-            head_list = sorted({int(h) for h in ([heads] if isinstance(heads, (int, str)) else heads)})
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"`{name}` entry {layer!r}: {heads!r} is not `layer index -> list of head indices`; use e.g. {{3: [0, 5]}}."
+            layer_index = _index(layer)
+            single = isinstance(heads, (numbers.Number, str)) or not isinstance(heads, Iterable)
+            head_list = sorted({_index(h) for h in ([heads] if single else heads)})
+        except TypeError:
+            raise ConfigError(
+                f"`{name}` entry {layer!r}: {heads!r} is not `layer index -> list of head indices` (integers, not "
+                "floats or bools); use e.g. {3: [0, 5]}."
             ) from None
         if layer_index < 0 or any(h < 0 for h in head_list):
-            raise ValueError(
+            raise ConfigError(
                 f"`{name}` has a negative layer or head index ({layer!r}: {heads!r}); indices start at 0."
             )
         if head_list:
