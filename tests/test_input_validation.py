@@ -16,7 +16,6 @@ from models import TINY_CONFIGS, build_byte_tokenizer, build_tiny_model, build_t
 from peft import LoraConfig
 
 from cast_peft import CASTLoraConfig, CastWarning, ConfigError, ConflictMapError, DataError, DiagnosisError
-from cast_peft.tuner.config import normalize_head_map
 from cast_peft.conflict_map import ConflictMap
 from cast_peft.data import (
     FALLBACK_TEMPLATE,
@@ -32,6 +31,7 @@ from cast_peft.diagnosis import diagnose
 from cast_peft.evaluation import generate_responses, response_nll
 from cast_peft.geometry import HeadCounts
 from cast_peft.training import TokenizedDataset, train_adapter
+from cast_peft.tuner.config import normalize_head_map
 
 
 SAFETY = starter_set("safety")[:4]
