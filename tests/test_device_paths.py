@@ -1,6 +1,7 @@
 """Device paths that crashed on GPU machines (issue 14, items 1-6), each reproduced on the CPU: the 4-bit device map
 under torchrun, offloaded (meta) weights, peft's low_cpu_mem_usage load, autocast around diagnosis, the staging
-device of the all-reduce, and a bf16 Trainer's autocast wrapper left on the returned model."""
+device of the all-reduce, and a bf16 Trainer's autocast wrapper left on the returned model (item 7b, a user's GGUF, is
+tested in test_models.py, next to the GGUF it reuses)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,9 @@ import torch
 from _diag_worker import labelled_batches
 from models import build_tiny_model, build_tiny_tokenizer, tiny_batch
 from peft import PeftModel, get_peft_model
-from test_models import tiny_source  # noqa: F401 (a fixture: the tiny GGUF written there)
 
 from cast_peft import CASTLoraConfig, diagnosis, models
-from cast_peft.diagnosis import diagnose
+from cast_peft.diagnosis import DiagnosisError, diagnose
 
 
 OPTIONS = {"kv_scoring": "separate", "progress": False, "seed": 3}
@@ -71,6 +71,13 @@ def test_offloaded_model_gives_the_same_map(tmp_path, accumulation):
     _maps_close(offloaded, reference, rtol=1e-6, atol=1e-9)
 
 
+def test_meta_weights_without_an_accelerate_hook_are_refused_up_front():
+    with torch.device("meta"):
+        model = build_tiny_model("llama")
+    with pytest.raises(DiagnosisError, match="meta device.*real weights"):
+        diagnose(model, None, labelled_batches(0, 1), labelled_batches(100, 1), **OPTIONS)
+
+
 # ------------------------------------------------------------------------------------------------ item 3
 def test_low_cpu_mem_usage_load_equals_the_normal_load(tmp_path):
     config = CASTLoraConfig(r=4, lora_alpha=8, skip_heads={0: [1, 2], 1: [0]}, init_lora_weights="gaussian")
@@ -88,7 +95,9 @@ def test_low_cpu_mem_usage_load_equals_the_normal_load(tmp_path):
     loaded = {}
     for low in (False, True):
         cast_config = CASTLoraConfig.from_pretrained(tmp_path)
-        model = PeftModel.from_pretrained(build_tiny_model("llama"), tmp_path, config=cast_config, low_cpu_mem_usage=low)
+        model = PeftModel.from_pretrained(
+            build_tiny_model("llama"), tmp_path, config=cast_config, low_cpu_mem_usage=low
+        )
         assert not [n for n, t in model.state_dict().items() if t.device.type == "meta"]
         masks = [m.weight_mask for m in model.modules() if hasattr(m, "weight_mask")]
         assert masks and all(m.device.type == "cpu" for m in masks)
@@ -104,9 +113,10 @@ def test_low_cpu_mem_usage_load_equals_the_normal_load(tmp_path):
 def test_diagnosis_under_cpu_autocast(accumulation):
     """Inside ``torch.autocast`` (as inside ``accelerator.autocast()``) the hooks still add in fp32.
 
-    The forward/backward themselves run in bf16 there (that is the user's choice), so the map is that of a bf16
-    model: the tolerance below is the bf16 rounding of activations and gradients (8 mantissa bits, relative 2^-8 per
-    op, compounded over two layers), not a property of the accumulators, which are fp32 on both sides."""
+    The forward/backward themselves run in bf16 there (the caller's choice), so the map is that of a bf16 model and
+    differs from the fp32 one by bf16 rounding of activations and gradients (8 significant bits: 2^-8 = 0.4% per op,
+    compounded over two layers), not by anything in the fp32 accumulators. Measured here: sums within 1.3% of each
+    role's largest, OC within 0.0008 (cosine units), FS within 0.5%; the bounds below leave about 2-6x margin."""
     safety, utility = labelled_batches(0, 2), labelled_batches(100, 2)
     options = {**OPTIONS, "accumulation": accumulation}
     model = build_tiny_model("llama")
@@ -114,10 +124,12 @@ def test_diagnosis_under_cpu_autocast(accumulation):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = diagnose(model, None, safety, utility, **options)
     for role, stats in mixed.stats.items():
+        want = reference.stats[role]
         assert stats.dtype == torch.float64
-        torch.testing.assert_close(stats, reference.stats[role], rtol=0.05, atol=1e-6)
-    torch.testing.assert_close(mixed.oc, reference.oc, rtol=0, atol=0.02)  # cosine units
-    torch.testing.assert_close(mixed.fs, reference.fs, rtol=0.05, atol=1e-4)
+        scale = want.abs().amax(dim=(0, 1))  # per (⟨G_s,G_s⟩, ⟨G_u,G_u⟩, ⟨G_s,G_u⟩)
+        assert ((stats - want).abs().amax(dim=(0, 1)) <= 0.03 * scale).all(), role
+    assert (mixed.oc - reference.oc).abs().max() <= 0.005
+    assert (mixed.fs - reference.fs).abs().max() <= 0.02 * reference.fs.abs().max()
 
 
 # ------------------------------------------------------------------------------------------------ item 5
@@ -150,48 +162,3 @@ def test_bf16_training_returns_a_model_without_autocast(tmp_path):
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, reference, rtol=0, atol=0)
     assert not torch.equal(bf16.float(), reference)  # the check could tell bf16 from fp32
-
-
-# ------------------------------------------------------------------------------------------------ item 7b
-def test_load_model_from_a_gguf_file_and_its_folder(tiny_source, tmp_path, monkeypatch):
-    """A user's GGUF is converted once into the cache (atomically, as the default) and loads like a folder."""
-    source, gguf_path, _ = tiny_source
-    before = models._sha256(gguf_path)
-    cache = tmp_path / "cache"
-    model, tokenizer = models.load_model(gguf_path, cache_dir=cache)
-    ids = torch.tensor([[5, 70, 9, 200, 33, 1]])
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, source(ids).logits, rtol=1e-5, atol=1e-5)
-    assert tokenizer.pad_token == tokenizer.eos_token == "<|im_end|>"
-    assert model.name_or_path == str(gguf_path.resolve())  # maps name the user's file, not the cache
-    converted = [p for p in (cache / "models").iterdir()]
-    assert len(converted) == 1 and (converted[0] / models._MARKER).is_file()  # no temp folders left
-    assert not list(converted[0].glob("*.gguf")) and models._sha256(gguf_path) == before  # the source untouched
-
-    def boom(*args, **kwargs):
-        raise AssertionError("a converted GGUF must not be converted again")
-
-    monkeypatch.setattr(models, "_convert_gguf", boom)
-    again, _ = models.load_model(gguf_path.parent, cache_dir=cache)  # the folder holding it: same cache entry
-    with torch.no_grad():
-        assert torch.equal(again(ids).logits, model(ids).logits)
-    assert [p for p in (cache / "models").iterdir()] == converted
-
-
-def test_gguf_folder_with_several_files_is_a_clear_error(tiny_source, tmp_path):
-    _, gguf_path, _ = tiny_source
-    folder = tmp_path / "two"
-    folder.mkdir()
-    for name in ("a.Q4.gguf", "b.Q8.gguf"):
-        (folder / name).write_bytes(gguf_path.read_bytes())
-    with pytest.raises(models.ModelLoadError, match=r"a\.Q4\.gguf.*b\.Q8\.gguf.*file"):
-        models.load_model(folder, cache_dir=tmp_path / "cache")
-    assert not (tmp_path / "cache").exists()  # refused before any work
-
-
-def test_broken_gguf_leaves_nothing_in_the_cache(tmp_path):
-    bad = tmp_path / "broken.gguf"
-    bad.write_bytes(b"GGUF" + b"\0" * 64)
-    with pytest.raises(models.ModelLoadError, match="broken.gguf"):
-        models.load_model(bad, cache_dir=tmp_path / "cache")
-    assert not list((tmp_path / "cache" / "models").iterdir())
