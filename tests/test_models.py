@@ -428,3 +428,33 @@ def test_broken_gguf_leaves_nothing_in_the_cache(tmp_path):
     with pytest.raises(models.ModelLoadError, match="broken.gguf"):
         models.load_model(bad, cache_dir=tmp_path / "cache")
     assert not list((tmp_path / "cache" / "models").iterdir())
+
+
+def test_concurrent_loads_wait_for_one_conversion(tiny_source, tmp_path, monkeypatch):
+    """Every rank of a torchrun job loads the same GGUF: one converts, the others wait and reuse its folder."""
+    import shutil
+    import threading
+
+    from filelock import FileLock
+
+    _, gguf_path, _ = tiny_source
+    cache = tmp_path / "cache"
+    calls = []
+
+    def fake_convert(path, out, expected):
+        calls.append(path)
+        out.mkdir()
+
+    monkeypatch.setattr(models, "_convert_gguf", fake_convert)
+    target = models.gguf_model_path(gguf_path, cache)  # learn the entry's name, then start over
+    shutil.rmtree(target)
+    result = []
+    with FileLock(cache / "locks" / f"{target.name}.lock"):  # "another process" holds the lock: it is converting
+        waiter = threading.Thread(target=lambda: result.append(models.gguf_model_path(gguf_path, cache)))
+        waiter.start()
+        waiter.join(timeout=1.0)
+        assert waiter.is_alive() and not result  # it waits instead of converting a second time
+        target.mkdir()
+        (target / models._MARKER).write_text("{}")
+    waiter.join(timeout=30)
+    assert result == [target] and len(calls) == 1

@@ -7,6 +7,9 @@ fp32 once, and cache the result as an ordinary safetensors folder::
 
     path = default_model_path()          # ~/.cache/cast_peft/models/smollm2-135m-instruct (CAST_PEFT_CACHE overrides)
     model, tokenizer = load_model()      # the same folder, loaded
+
+A user's own ``.gguf`` goes through the same conversion: ``load_model("model.Q4_K_M.gguf")`` (or the folder holding
+it) converts it once into ``models/gguf-<name>-<key>`` of the cache (:func:`gguf_model_path`) and loads that.
 """
 
 from __future__ import annotations
@@ -128,9 +131,22 @@ def _build_once(target: Path, build: Callable[[Path], dict[str, Any]]) -> Path:
     """``target``, made by ``build(work)`` (which writes ``work/"model"`` and returns marker fields) unless complete.
 
     ``build`` runs in a fresh temporary folder next to ``target``; its output is renamed into place with a
-    completion marker, and the temporary folder is removed whatever happens.
+    completion marker, and the temporary folder is removed whatever happens. A file lock (``filelock`` comes with
+    torch) makes concurrent callers on one machine, e.g. every rank under torchrun, wait for one conversion instead
+    of each dequantizing the model; the rename keeps it safe where locks do not hold (network file systems).
     """
     if (target / _MARKER).is_file():
+        return target
+    from filelock import FileLock
+
+    locks = target.parent.parent / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with FileLock(locks / f"{target.name}.lock"):
+        return _build_locked(target, build)
+
+
+def _build_locked(target: Path, build: Callable[[Path], dict[str, Any]]) -> Path:
+    if (target / _MARKER).is_file():  # another process finished while we waited for the lock
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(target)
