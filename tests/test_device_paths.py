@@ -54,17 +54,26 @@ def test_local_rank_beyond_the_visible_gpus_is_a_clear_error(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ item 2
+@pytest.mark.parametrize("route", ["dispatch_model", "from_pretrained"])
 @pytest.mark.parametrize("accumulation", ["exact", "sketch"])
-def test_offloaded_model_gives_the_same_map(tmp_path, accumulation):
-    """accelerate's dispatch_model with "disk" entries leaves meta weights and moves them in at each forward."""
+def test_offloaded_model_gives_the_same_map(tmp_path, accumulation, route):
+    """A device_map with "disk" entries leaves meta weights that accelerate's hooks move in at each forward."""
     from accelerate import dispatch_model
+    from transformers import AutoModelForCausalLM
 
     safety, utility = labelled_batches(0, 2), labelled_batches(100, 2)
     options = {**OPTIONS, "accumulation": accumulation, "sensitivity": "ablation"}
     reference = diagnose(build_tiny_model("llama"), None, safety, utility, **options)
     device_map = {"model.embed_tokens": "disk", "model.layers.0": "cpu", "model.layers.1": "disk"}
     device_map |= {"model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "disk"}
-    model = dispatch_model(build_tiny_model("llama"), device_map=device_map, offload_dir=str(tmp_path / "offload"))
+    offload = str(tmp_path / "offload")
+    if route == "dispatch_model":
+        model = dispatch_model(build_tiny_model("llama"), device_map=device_map, offload_dir=offload)
+    else:
+        build_tiny_model("llama").save_pretrained(tmp_path / "tiny")
+        model = AutoModelForCausalLM.from_pretrained(
+            tmp_path / "tiny", device_map=device_map, offload_folder=offload, attn_implementation="eager"
+        )
     assert model.model.layers[1].self_attn.q_proj.weight.device.type == "meta"  # really offloaded
     assert model.model.embed_tokens.weight.device.type == "meta"
     offloaded = diagnose(model, None, safety, utility, **options)
