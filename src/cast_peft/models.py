@@ -318,8 +318,9 @@ def load_model(
     a ``.gguf`` file (or a folder holding one), converted once into the cache by :func:`gguf_model_path`.
 
     Weights are read from safetensors only and remote code is never trusted. ``load_in_4bit`` quantizes the base to
-    NF4 with bitsandbytes (compute dtype fp32 on CPU, bf16 on CUDA). The tokenizer gets ``pad_token = eos_token``
-    when it has none; the padding side is left to the caller.
+    NF4 with bitsandbytes (compute dtype fp32 on CPU, bf16 on CUDA), by default on this process's GPU
+    (:func:`local_cuda_index`: each torchrun/accelerate rank on its own). The tokenizer gets ``pad_token =
+    eos_token`` when it has none; the padding side is left to the caller.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
