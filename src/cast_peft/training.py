@@ -143,6 +143,9 @@ def train_adapter(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainer = Trainer(model=peft_model, args=args, train_dataset=dataset, data_collator=_Collator(pad_id))
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    # With bf16/fp16, accelerate wrapped peft_model.forward in autocast; unwrapped in place so that later evaluations
+    # and merge checks run in the model's own dtype (accelerate 1.15.0: unwrap_model(keep_fp32_wrapper=False)).
+    trainer.accelerator.unwrap_model(peft_model, keep_fp32_wrapper=False)
     peft_model.eval()
     if trainer.is_world_process_zero():
         # Attention adapters never touch the embeddings; "auto" would look the base model up on the hub.

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._core.errors import DiagnosisError
 from ..geometry import AttentionGeometry, Role, _feature_counts, name_is_input_side
 
 
@@ -53,9 +54,28 @@ class HookedProjection:
 
     @property
     def device(self) -> torch.device:
-        for tensor in self.module.parameters():
-            return tensor.device
+        return execution_device(self.module)
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """The device ``module`` computes on, where its inputs and output gradients arrive: its weights' device, or, for
+    weights offloaded by accelerate (``device_map`` with "cpu"/"disk" entries: ``meta`` weights moved in by a hook
+    at each forward), its hook's execution device. Never ``meta``: accumulators made there could not be read."""
+    weight = next(module.parameters(), None)
+    if weight is None:
         return torch.device("cpu")
+    if weight.device.type != "meta":
+        return weight.device
+    # accelerate's AlignDevicesHook, alone or inside a SequentialHook (checked against accelerate 1.15.0)
+    hook = getattr(module, "_hf_hook", None)
+    for part in getattr(hook, "hooks", None) or [hook]:
+        device = getattr(part, "execution_device", None)
+        if device is not None:
+            return torch.device(device)
+    raise DiagnosisError(
+        f"{type(module).__name__} has its weights on the meta device and no accelerate hook that loads them, so it "
+        "cannot run. Load the model with real weights (or dispatch it with accelerate's device_map)."
+    )
 
 
 def hooked_projections(model: nn.Module, geometry: AttentionGeometry) -> list[HookedProjection]:
@@ -165,6 +185,12 @@ class GradAccumulator:
         batch finds a NaN/inf gradient without a pass over the accumulators (a NaN activation at a padded position,
         where g is 0, would still poison ``gᵀ x``).
         """
+        # The backward pass inherits the caller's autocast (e.g. inside accelerator.autocast()), which would run the
+        # matmuls below in bf16/fp16 and make addmm_ into the fp32 sums fail: the sums are fp32 by design.
+        with torch.autocast(x.device.type, enabled=False):
+            return self._add(p, x, g)
+
+    def _add(self, p: HookedProjection, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         x = x.reshape(-1, x.shape[-1]).float()
         g = g.reshape(-1, g.shape[-1]).float()
         check = x.sum() + g.sum()
@@ -249,7 +275,8 @@ class TaylorAccumulator:
 
     @torch.no_grad()
     def add(self, layer: int, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        per_feature = (a.reshape(-1, a.shape[-1]).float() * g.reshape(-1, g.shape[-1]).float()).sum(0)
+        with torch.autocast(a.device.type, enabled=False):  # fp32 sums whatever autocast the caller runs under
+            per_feature = (a.reshape(-1, a.shape[-1]).float() * g.reshape(-1, g.shape[-1]).float()).sum(0)
         device = per_feature.device
         if device not in self._on:  # kept on the device: no sync per layer
             self._on[device] = (self._index.to(device), torch.zeros(self._shape, dtype=torch.float64, device=device))

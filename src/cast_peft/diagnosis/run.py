@@ -35,6 +35,7 @@ order). An error on one process (NaN loss, ...) is raised on all of them at the 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -57,7 +58,7 @@ from ..conflict_map.map import (
 )
 from ..data import _positive_int, context_length, fit_max_length, prompt_format
 from ..geometry import AttentionGeometry
-from ..models import check_cpu_4bit_layout
+from ..models import check_cpu_4bit_layout, local_cuda_index
 from .ablation import IGNORE_INDEX, ablated_losses, ablation_units, row_losses
 from .calibration import DEFAULT_CALIBRATION_SIZE, check_batch, digest, prepare_batches
 from .hooks import (
@@ -65,6 +66,7 @@ from .hooks import (
     HookSession,
     TaylorAccumulator,
     exact_bytes,
+    execution_device,
     hooked_projections,
     sketch_bytes,
     unit_stats,
@@ -387,25 +389,27 @@ class Diagnosis:
     def _reduce(self) -> None:
         import torch.distributed as dist
 
-        gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(
-            gathered, {"errors": self.errors, "sizes": self.sizes, "losses": self.loss_sums, "digests": self.digests}
-        )
-        self.errors = [e for part in gathered for e in part["errors"]]
-        self._finished = True
-        if self.errors:
-            return
-        for objective in OBJECTIVES:
-            self.sizes[objective] = {k: sum(p["sizes"][objective][k] for p in gathered) for k in self.sizes[objective]}
-            self.loss_sums[objective] = math.fsum(p["losses"][objective] for p in gathered)
-            self.digests[objective] = sorted(d for p in gathered for d in p["digests"][objective])
-        tensors = [t for acc in self.grads.values() for t in acc.tensors()]
-        for tensor in tensors:
-            _all_reduce_(tensor)
         values = self.taylor.values
-        _all_reduce_(values)
+        tensors = [t for acc in self.grads.values() for t in acc.tensors()] + [values, self.ablated]
+        staging = _staging_device(dist.get_backend(), [t.device for t in tensors])
+        # NCCL's all_gather_object pickles through a tensor on the *current* CUDA device: cuda:0 on every rank under
+        # plain torchrun without torch.cuda.set_device, i.e. a duplicate-GPU error or a hang.
+        with torch.cuda.device(staging) if staging is not None else contextlib.nullcontext():
+            gathered: list[Any] = [None] * dist.get_world_size()
+            state = {"errors": self.errors, "sizes": self.sizes, "losses": self.loss_sums, "digests": self.digests}
+            dist.all_gather_object(gathered, state)
+            self.errors = [e for part in gathered for e in part["errors"]]
+            self._finished = True
+            if self.errors:
+                return
+            for objective in OBJECTIVES:
+                size = self.sizes[objective]
+                self.sizes[objective] = {k: sum(p["sizes"][objective][k] for p in gathered) for k in size}
+                self.loss_sums[objective] = math.fsum(p["losses"][objective] for p in gathered)
+                self.digests[objective] = sorted(d for p in gathered for d in p["digests"][objective])
+            for tensor in tensors:
+                _all_reduce_(tensor, staging)
         self.taylor = _Fixed(values)
-        _all_reduce_(self.ablated)
 
     def _metadata(self) -> dict[str, Any]:
         from ..models import model_identity
@@ -447,8 +451,7 @@ class _Fixed:
 
 
 def _input_device(model: nn.Module) -> torch.device:
-    weight = getattr(model.get_input_embeddings(), "weight", None)
-    return weight.device if weight is not None else next(model.parameters()).device
+    return execution_device(model.get_input_embeddings())
 
 
 def _free_bytes(device: torch.device) -> int:
@@ -482,13 +485,24 @@ def _already_sharded(batches: Any) -> bool:
     return bool(names & {"DataLoaderShard", "DataLoaderDispatcher", "BatchSamplerShard"})
 
 
-def _all_reduce_(tensor: torch.Tensor) -> None:
-    """Sum ``tensor`` over processes in place; CPU tensors travel through the GPU when the backend is NCCL."""
+def _staging_device(backend: str, devices: list[torch.device]) -> torch.device | None:
+    """The device the collectives run on: ``None`` (in place) unless the backend is NCCL, which needs this rank's
+    own GPU: the first accumulator's CUDA device, else (accumulators in CPU memory) ``LOCAL_RANK``'s GPU."""
+    if backend != "nccl":
+        return None
+    for device in devices:
+        if device.type == "cuda":
+            return device
+    return torch.device("cuda", local_cuda_index())
+
+
+def _all_reduce_(tensor: torch.Tensor, staging: torch.device | None) -> None:
+    """Sum ``tensor`` over processes in place, through a copy on ``staging`` when it lives elsewhere."""
     import torch.distributed as dist
 
-    if dist.get_backend() == "nccl" and tensor.device.type == "cpu":
-        staged = tensor.cuda()
-        dist.all_reduce(staged)
-        tensor.copy_(staged.cpu())
-    else:
+    if staging is None or tensor.device == staging:
         dist.all_reduce(tensor)
+    else:
+        staged = tensor.to(staging)
+        dist.all_reduce(staged)
+        tensor.copy_(staged)

@@ -39,15 +39,21 @@ class HeadMaskedLinear(nn.Linear):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
-        self.register_buffer("weight_mask", mask.to(device=linear.weight.device, dtype=torch.bool), persistent=False)
+        # peft's low_cpu_mem_usage=True builds adapter weights on `meta` and assigns them at load: a mask made there
+        # would hold no values, so it stays on the CPU until zero_masked_ (run after every load) moves it along.
+        device = linear.weight.device if linear.weight.device.type != "meta" else torch.device("cpu")
+        self.register_buffer("weight_mask", mask.to(device=device, dtype=torch.bool), persistent=False)
         self.zero_masked_()
         self.register_load_state_dict_post_hook(_zero_masked_after_load)
 
     @torch.no_grad()
     def zero_masked_(self) -> None:
-        """Set the masked slice of the weight to exactly zero."""
-        if self.weight.device.type != "meta":
-            self.weight.mul_(self.weight_mask.to(self.weight.device))
+        """Set the masked slice of the weight to exactly zero (and keep the mask on the weight's device)."""
+        if self.weight.device.type == "meta":
+            return
+        if self.weight_mask.device != self.weight.device:
+            self.weight_mask = self.weight_mask.to(self.weight.device)
+        self.weight.mul_(self.weight_mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight * self.weight_mask, self.bias)
