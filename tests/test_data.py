@@ -1,4 +1,4 @@
-"""Tests for cast_peft.data: loading, chat formatting, loss masking, batching, starter set and shared-data loaders."""
+"""Tests for cast_peft.data: loading, chat formatting, loss masking, batching and starter set."""
 
 import json
 from collections import Counter
@@ -9,7 +9,6 @@ import torch
 from models import build_byte_tokenizer
 from transformers import PreTrainedTokenizerFast
 
-from cast_peft import data
 from cast_peft.data import (
     FALLBACK_TEMPLATE,
     IGNORE_INDEX,
@@ -270,47 +269,3 @@ def test_starter_set_rejects_bad_arguments():
         starter_set("harmful", "train")
     with pytest.raises(ValueError):
         starter_set("safety", "validation")
-
-
-# -------------------------------------------------------------------------------------------------- shared data
-def test_data_dir_env(tmp_path, monkeypatch):
-    monkeypatch.setenv("CAST_DATA_DIR", str(tmp_path))
-    assert data.data_dir() == tmp_path.resolve()
-    monkeypatch.setenv("CAST_DATA_DIR", str(tmp_path / "missing"))
-    with pytest.raises(FileNotFoundError, match="CAST_DATA_DIR"):
-        data.data_dir()
-
-
-@pytest.fixture(scope="module")
-def shared_data():
-    try:
-        return data.data_dir()
-    except FileNotFoundError:
-        pytest.skip("shared benchmark data not available")
-
-
-@pytest.mark.parametrize(
-    "loader, kwargs, count",
-    [
-        ("load_advbench", {}, 520),
-        ("load_harmbench", {"split": "test"}, 159),
-        ("load_harmbench", {"split": "val"}, 41),
-        ("load_harmbench", {"split": "all"}, 200),
-        ("load_xstest", {"label": "safe"}, 250),
-        ("load_xstest", {"label": "unsafe"}, 200),
-        ("load_safety_tuned_llamas_train", {}, 2483),
-        ("load_alpaca_libre", {}, 3097),
-        ("load_alpaca_libre", {"limit": 25}, 25),
-        ("load_self_instruct_user_oriented", {}, 252),
-    ],
-)
-def test_shared_loaders_row_counts(shared_data, loader, kwargs, count):
-    rows = getattr(data, loader)(**kwargs)
-    assert len(rows) == count
-    assert all(isinstance(r["prompt"], str) and r["prompt"].strip() for r in rows)
-    has_response = loader in (
-        "load_safety_tuned_llamas_train",
-        "load_alpaca_libre",
-        "load_self_instruct_user_oriented",
-    )
-    assert all(bool(r.get("response", "").strip()) == has_response for r in rows)
