@@ -77,8 +77,8 @@ LAYOUTS: dict[str, AttentionLayout] = {
 }
 
 _HOW_TO_ADD = (
-    "To add an architecture, add one `AttentionLayout` entry to `cast_peft.geometry.LAYOUTS` (the attention block's "
-    "path regex, its projections and their roles) and a tiny test model to `tests/models.py`."
+    "To add an architecture, add one AttentionLayout entry to cast_peft.geometry.LAYOUTS (module path regex, "
+    "projections and roles)."
 )
 
 

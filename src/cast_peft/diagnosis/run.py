@@ -350,8 +350,9 @@ class Diagnosis:
         if fewest < DEFAULT_CALIBRATION_SIZE:
             logger.warning(
                 "The map comes from %d calibration examples per objective (fewer than %d): expect a noisy "
-                "map and an unstable skip set (see benchmarks/results/map_stability.md).",
+                "map and an unstable skip set; pass at least %d examples of each objective.",
                 fewest,
+                DEFAULT_CALIBRATION_SIZE,
                 DEFAULT_CALIBRATION_SIZE,
             )
         n_s = self.sizes["safety"]["response_tokens"]

@@ -30,7 +30,8 @@ from ..geometry import AttentionGeometry, HeadCounts, Role, frozen_units
 CAST_CONFIG_NAME = "cast_config.json"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 _CAST_FIELDS = ("skip_heads", "skip_kv_heads", "kv_head_policy", "attention_geometry", "source_map")
-# Inits that write a non-zero B or rewrite the base weight, so frozen heads would change (see notes/peft-design §3.4).
+# The inits that keep B = 0 and the base weight as it is; every other one (PiSSA, OLoRA, LoftQ, ...) writes a
+# non-zero B or rewrites the base weight, so frozen heads would change.
 _ALLOWED_INITS = (True, False, "gaussian")
 
 
