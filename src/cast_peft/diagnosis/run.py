@@ -216,13 +216,8 @@ class Diagnosis:
         }
         self._o = [p for p in self.projections if p.input_side]
         self.taylor = TaylorAccumulator(self.geometry, self._o[0].name)
-        counts = self.geometry.counts
-        self._units = ablation_units(
-            counts.num_layers,
-            counts.num_heads,
-            counts.group_size,
-            kv_groups=kv_scoring == "separate" and counts.group_size > 1,
-        )
+        kv_groups = kv_scoring == "separate" and self.geometry.counts.group_size > 1
+        self._units = ablation_units(self.geometry, kv_groups=kv_groups)
         self.ablated = torch.zeros(len(self._units), dtype=torch.float64)
         self.sizes = {obj: {"examples": 0, "batches": 0, "tokens": 0, "response_tokens": 0} for obj in OBJECTIVES}
         self.loss_sums = dict.fromkeys(OBJECTIVES, 0.0)

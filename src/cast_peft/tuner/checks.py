@@ -85,14 +85,14 @@ def describe_frozen(model_or_config: Any, adapter_name: str | None = None, *, ve
                 f"{'' if adapter_name is None else f' named {adapter_name!r}'}, so nothing is frozen. {_REOPEN}"
             )
         config = configs[adapter_name]
-    counts = config.counts
+    counts, kv_of = config.counts, config.geometry.kv_heads_of_query_heads()
     layers: dict[int, dict[str, list[int]]] = {}
     for layer in range(counts.num_layers):
         units = config.enabled_units(layer)
         heads = (~units["q"]).nonzero().flatten().tolist()
         kv_heads = (~units["k"]).nonzero().flatten().tolist()
         if heads or kv_heads:
-            reading = [h for h in heads if bool(units["k"][h // counts.group_size])]
+            reading = [h for h in heads if bool(units["k"][kv_of[h]])]
             layers[layer] = {"query_heads": heads, "kv_heads": kv_heads, "reading_trained_kv": reading}
     skipped = sum(len(entry["query_heads"]) for entry in layers.values())
     frozen_kv = sum(len(entry["kv_heads"]) for entry in layers.values())
@@ -127,7 +127,7 @@ def _frozen_slices(config: Any, path: str) -> list[tuple[str, torch.Tensor]]:
     for role in ref.roles:
         frozen = (~units[role]).nonzero().flatten()
         if len(frozen):
-            side = "in" if role == "o" else "out"
+            side = "in" if ref.input_side else "out"
             slices.append((side, geometry.role_index(ref.name, role)[frozen].reshape(-1)))
     return slices
 

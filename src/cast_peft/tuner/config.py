@@ -333,7 +333,7 @@ class CASTLoraConfig(LoraConfig):
         if ref is None:
             return None
         enabled = geometry.enabled_features(ref.name, self.enabled_units(ref.layer))
-        return enabled, ("in" if ref.roles == ("o",) else "out")
+        return enabled, ("in" if ref.input_side else "out")
 
     # --------------------------------------------------------------------------------------------- constructors
     @classmethod
