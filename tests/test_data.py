@@ -9,6 +9,7 @@ import torch
 from models import build_byte_tokenizer
 from transformers import PreTrainedTokenizerFast
 
+from cast_peft import data
 from cast_peft.data import (
     FALLBACK_TEMPLATE,
     IGNORE_INDEX,
@@ -143,6 +144,20 @@ def test_collate_right_pads():
     assert batch["labels"].tolist() == [[-100, 6, -100, -100], [-100, 2, 3, 4]]
     with pytest.raises(ValueError):
         collate([], pad_token_id=0)
+
+
+def test_padding_falls_back_from_pad_to_eos_to_zero():
+    # One fallback for make_batches, the training collator and evaluation: PAD, else EOS, else 0 (masked anyway).
+    from cast_peft.evaluation import batching
+
+    tok = build_byte_tokenizer(SENTENCES, ["<|im_end|>"], eos="<|im_end|>", pad=None)
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.pad_token_id is None and data.padding_id(tok) == eos
+    batch = make_batches(tok, ["A spider has eight legs.", "Hi."], batch_size=2)[0]
+    assert (batch["input_ids"][batch["attention_mask"] == 0] == eos).all()
+    tok.eos_token = None
+    assert data.padding_id(tok) == 0
+    assert batching.padding_id is data.padding_id and not hasattr(batching, "prompt_ids")
 
 
 def test_make_batches_mixed_and_deterministic(chat_tok):

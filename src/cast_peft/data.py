@@ -298,9 +298,26 @@ def format_chat(tokenizer: Any, prompt: str, response: str | None = None) -> tup
     return prompt_text, prompt_text + response + (tokenizer.eos_token or "")
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    # Chat templates already insert BOS and friends, so only add special tokens for the plain fallback template.
-    return list(tokenizer(text, add_special_tokens=not uses_chat_template(tokenizer))["input_ids"])
+def encode(tokenizer: Any, text: str, add_special_tokens: bool | None = None) -> list[int]:
+    """Token ids of ``text``. ``add_special_tokens=None`` (for rendered prompts) adds them only with the fallback
+    template: a chat template already writes BOS and friends."""
+    if add_special_tokens is None:
+        add_special_tokens = not uses_chat_template(tokenizer)
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """Token ids of ``prompt`` rendered as a user turn with the generation prompt (:func:`format_chat`)."""
+    return encode(tokenizer, format_chat(tokenizer, prompt)[0])
+
+
+def padding_id(tokenizer: Any) -> int:
+    """The id to pad with: the tokenizer's PAD, else its EOS, else 0 (padded positions are masked out, so any id
+    works when it defines neither)."""
+    for tok_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tok_id is not None:
+            return int(tok_id)
+    return 0
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -435,12 +452,12 @@ def tokenize_messages(
                 f"{err}). Fix the roles/order of its messages."
             ) from None
 
-    ids = _encode(tokenizer, render(messages, False))
+    ids = encode(tokenizer, render(messages, False))
     labels = [IGNORE_INDEX] * len(ids)
     for i, score in enumerate(scored):
         if score:
-            start = _common_prefix(_encode(tokenizer, render(messages[:i], True)), ids) if i else 0
-            end = _common_prefix(_encode(tokenizer, render(messages[: i + 1], False)), ids)
+            start = _common_prefix(encode(tokenizer, render(messages[:i], True)), ids) if i else 0
+            end = _common_prefix(encode(tokenizer, render(messages[: i + 1], False)), ids)
             labels[start:end] = ids[start:end]
     if len(ids) > max_length:
         first = next((j for j, label in enumerate(labels) if label != IGNORE_INDEX), len(ids))
@@ -466,8 +483,8 @@ def tokenize_pair(
     ``index``: an example number or a location) when no response token is left.
     """
     prompt_text, full_text = format_chat(tokenizer, prompt, response)
-    prompt_ids, ids = _encode(tokenizer, prompt_text), _encode(tokenizer, full_text)
-    n_prompt = _common_prefix(prompt_ids, ids)
+    ids = encode(tokenizer, full_text)
+    n_prompt = _common_prefix(encode(tokenizer, prompt_text), ids)
     n_resp = len(ids) - n_prompt
     if len(ids) > max_length:
         keep_resp = min(n_resp, max(max_length - n_prompt, max_length // 2))
@@ -521,8 +538,7 @@ def make_batches(
     features = [tokenize_example(tokenizer, ex, max_length, f"example {i}") for i, ex in enumerate(examples)]
     if not features:
         raise DataError("make_batches() got no examples.")
-    # Padded positions are masked out, so any id works when the tokenizer defines neither PAD nor EOS.
-    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    pad_id = padding_id(tokenizer)
     return [collate(features[i : i + batch_size], pad_id) for i in range(0, len(features), batch_size)]
 
 

@@ -26,19 +26,17 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..data import encode, padding_id, prompt_ids
 from .batching import (
     batches,
     chat_split,
     continuation_logprobs,
-    encode,
     eval_mode,
     fp32_logits,
     generate_ids,
     input_device,
     left_pad,
     nonempty,
-    padding_id,
-    prompt_ids,
     split_encode,
 )
 
