@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from ._core.errors import ConfigError, UnsupportedArchitectureError
 
@@ -389,11 +390,21 @@ def name_is_input_side(roles: tuple[Role, ...]) -> bool:
     return roles == ("o",)
 
 
+def _base_layer(module: nn.Module) -> nn.Module:
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module  # peft wrappers
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` (or the base layer a peft wrapper holds) is a transformers ``Conv1D`` (GPT-2's attention),
+    which stores its weight as ``(in, out)``: the one test for it."""
+    return isinstance(_base_layer(module), Conv1D)
+
+
 def _feature_counts(module: nn.Module) -> tuple[int, int]:
     """(out_features, in_features) of a Linear, a transformers Conv1D or a bitsandbytes layer."""
-    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    base = _base_layer(module)
     if hasattr(base, "out_features") and hasattr(base, "in_features"):
         return base.out_features, base.in_features
-    if type(base).__name__ == "Conv1D":  # weight stored (in, out)
+    if is_conv1d(base):  # weight stored (in, out)
         return base.nf, base.weight.shape[0]
     raise UnsupportedArchitectureError(f"Cannot read the feature sizes of a {type(base).__name__}. {_HOW_TO_ADD}")

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .._core.errors import FrozenHeadsError
+from ..geometry import is_conv1d
 from .layers import HeadMaskedLinear, cast_layers
 
 
@@ -146,7 +147,7 @@ def _reference_tensors(reference: nn.Module | Mapping[str, torch.Tensor], geomet
 
 def _out_in(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
     # transformers Conv1D (GPT-2) stores its weight as (in, out).
-    return tensor.T if type(module).__name__ == "Conv1D" and tensor.dim() == 2 else tensor
+    return tensor.T if is_conv1d(module) and tensor.dim() == 2 else tensor
 
 
 @torch.no_grad()
