@@ -164,7 +164,7 @@ class CASTLoraConfig(LoraConfig):
             self._check_skip_sets(self.counts)
         # `_custom_modules` is not serialised, so every construction path registers the dispatcher again. Experimental
         # peft API, checked against peft 0.19-0.21 (`LoraConfig._register_custom_module`).
-        from .layers import custom_module_mapping
+        from .dispatch import custom_module_mapping
 
         self._register_custom_module(custom_module_mapping())
 
