@@ -136,7 +136,10 @@ def refusal_rate(
     return _refusal(model, tokenizer, prompts, max_new_tokens, batch_size, progress, "refusal_rate")
 
 
-def _refusal(model, tokenizer, prompts, max_new_tokens, batch_size, progress, key: str) -> dict:
+def _refusal(
+    model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int, progress: bool, key: str
+) -> dict:
+    # refusal_rate and over_refusal_rate: the same measure, reported under their own key.
     responses = generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
     items = [{"prompt": p, "response": r, "refused": is_refusal(r)} for p, r in zip(prompts, responses)]
     return {key: sum(it["refused"] for it in items) / len(items), "n": len(items), "items": items}
