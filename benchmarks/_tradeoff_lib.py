@@ -18,19 +18,19 @@ from typing import Any
 
 import torch
 import transformers
-
-from cast_peft import evaluation as ev
-from cast_peft.data import (
-    IGNORE_INDEX,
+from shared_data import (
     data_dir,
     load_advbench,
     load_alpaca_libre,
     load_harmbench,
+    load_mc_items,
     load_safety_tuned_llamas_train,
     load_self_instruct_user_oriented,
     load_xstest,
-    make_batches,
 )
+
+from cast_peft import evaluation as ev
+from cast_peft.data import IGNORE_INDEX, make_batches
 
 
 #: Seed of the data splits (calibration / training / evaluation subsets). Fixed: the run seed only changes the
@@ -39,7 +39,7 @@ DATA_SEED = 1234
 #: Calibration pairs reserved per objective (the first ones after the shuffle); training uses the rest, so the map's
 #: calibration data is disjoint from the training data and from every evaluation set.
 CALIBRATION_POOL = 256
-#: Chance accuracy of the multiple-choice sets (lm-eval formats in ``cast_peft.evaluation.load_mc_items``).
+#: Chance accuracy of the multiple-choice sets (lm-eval formats in ``shared_data.load_mc_items``).
 MC_CHANCE = {"arc_easy": 0.25, "piqa": 0.5, "hellaswag": 0.25, "boolq": 0.5, "winogrande": 0.5}
 
 # Presets; every value can be overridden on the command line. Generation is the dominant cost on CPU.
@@ -149,7 +149,7 @@ def build_splits(settings: dict[str, Any]) -> dict[str, Any]:
     )
     splits["safe"] = fresh(load_xstest("safe"), settings["n_safe"], "xstest", 5)
     splits["helpful"] = fresh(load_self_instruct_user_oriented(), settings["n_helpful"], "self_instruct", 6)
-    splits["mc"] = {name: ev.load_mc_items(name, limit=settings["n_mc"]) for name in settings["mc_sets"]}
+    splits["mc"] = {name: load_mc_items(name, limit=settings["n_mc"]) for name in settings["mc_sets"]}
     splits["wikitext"] = wikitext_paragraphs(settings["n_ppl"])
     return splits
 

@@ -64,7 +64,9 @@ class _PeakRss:
 
 
 def _batches(tokenizer, examples: int, max_length: int, batch_size: int = 8):
-    from cast_peft.data import load_alpaca_libre, load_safety_tuned_llamas_train, make_batches
+    from shared_data import load_alpaca_libre, load_safety_tuned_llamas_train
+
+    from cast_peft.data import make_batches
 
     safety = load_safety_tuned_llamas_train()[:examples]
     utility = load_alpaca_libre(limit=examples)

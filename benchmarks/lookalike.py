@@ -32,8 +32,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from shared_data import data_dir, load_xstest
+
 from cast_peft import DataError
-from cast_peft.data import data_dir, load_xstest
 
 
 #: XSTest safe types used for look-alike calibration (utility data of the map), in XSTest's order.

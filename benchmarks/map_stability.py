@@ -60,8 +60,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    from shared_data import load_alpaca_libre, load_safety_tuned_llamas_train
+
     from cast_peft.conflict_map import ConflictMap, spearman
-    from cast_peft.data import load_alpaca_libre, load_safety_tuned_llamas_train, make_batches
+    from cast_peft.data import make_batches
     from cast_peft.diagnosis import Diagnosis
     from cast_peft.models import load_model
 

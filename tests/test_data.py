@@ -1,4 +1,4 @@
-"""Tests for cast_peft.data: loading, chat formatting, loss masking, batching, starter set and shared-data loaders."""
+"""Tests for cast_peft.data: loading, chat formatting, loss masking, batching and starter set."""
 
 import json
 from collections import Counter
@@ -146,6 +146,20 @@ def test_collate_right_pads():
         collate([], pad_token_id=0)
 
 
+def test_padding_falls_back_from_pad_to_eos_to_zero():
+    # One fallback for make_batches, the training collator and evaluation: PAD, else EOS, else 0 (masked anyway).
+    from cast_peft.evaluation import batching
+
+    tok = build_byte_tokenizer(SENTENCES, ["<|im_end|>"], eos="<|im_end|>", pad=None)
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.pad_token_id is None and data.padding_id(tok) == eos
+    batch = make_batches(tok, ["A spider has eight legs.", "Hi."], batch_size=2)[0]
+    assert (batch["input_ids"][batch["attention_mask"] == 0] == eos).all()
+    tok.eos_token = None
+    assert data.padding_id(tok) == 0
+    assert batching.padding_id is data.padding_id and not hasattr(batching, "prompt_ids")
+
+
 def test_make_batches_mixed_and_deterministic(chat_tok):
     examples = starter_set("utility", "test")[:5] + ["A spider has eight legs."]
     batches = make_batches(chat_tok, examples, batch_size=4, max_length=64)
@@ -270,47 +284,3 @@ def test_starter_set_rejects_bad_arguments():
         starter_set("harmful", "train")
     with pytest.raises(ValueError):
         starter_set("safety", "validation")
-
-
-# -------------------------------------------------------------------------------------------------- shared data
-def test_data_dir_env(tmp_path, monkeypatch):
-    monkeypatch.setenv("CAST_DATA_DIR", str(tmp_path))
-    assert data.data_dir() == tmp_path.resolve()
-    monkeypatch.setenv("CAST_DATA_DIR", str(tmp_path / "missing"))
-    with pytest.raises(FileNotFoundError, match="CAST_DATA_DIR"):
-        data.data_dir()
-
-
-@pytest.fixture(scope="module")
-def shared_data():
-    try:
-        return data.data_dir()
-    except FileNotFoundError:
-        pytest.skip("shared benchmark data not available")
-
-
-@pytest.mark.parametrize(
-    "loader, kwargs, count",
-    [
-        ("load_advbench", {}, 520),
-        ("load_harmbench", {"split": "test"}, 159),
-        ("load_harmbench", {"split": "val"}, 41),
-        ("load_harmbench", {"split": "all"}, 200),
-        ("load_xstest", {"label": "safe"}, 250),
-        ("load_xstest", {"label": "unsafe"}, 200),
-        ("load_safety_tuned_llamas_train", {}, 2483),
-        ("load_alpaca_libre", {}, 3097),
-        ("load_alpaca_libre", {"limit": 25}, 25),
-        ("load_self_instruct_user_oriented", {}, 252),
-    ],
-)
-def test_shared_loaders_row_counts(shared_data, loader, kwargs, count):
-    rows = getattr(data, loader)(**kwargs)
-    assert len(rows) == count
-    assert all(isinstance(r["prompt"], str) and r["prompt"].strip() for r in rows)
-    has_response = loader in (
-        "load_safety_tuned_llamas_train",
-        "load_alpaca_libre",
-        "load_self_instruct_user_oriented",
-    )
-    assert all(bool(r.get("response", "").strip()) == has_response for r in rows)

@@ -377,28 +377,3 @@ def test_kl_drift_peft_adapter_disabled(tok):
     gen = ev.kl_drift(pm, None, tok, PROMPTS[:2], max_new_tokens=3, progress=False)
     n0 = len(tok(prompt_text(tok, PROMPTS[0]), add_special_tokens=False)["input_ids"])
     assert n0 < gen["items"][0]["n_positions"] <= n0 + 3
-
-
-# ----------------------------------------------------------------------------------------------- benchmark files
-
-
-@pytest.mark.parametrize(
-    "name,n_choices", [("arc_easy", 4), ("piqa", 2), ("hellaswag", 4), ("boolq", 2), ("winogrande", 2)]
-)
-def test_load_mc_items(name, n_choices):
-    try:
-        items = ev.load_mc_items(name, limit=5)
-    except FileNotFoundError:
-        pytest.skip("shared benchmark data not available")
-    assert len(items) == 5
-    for it in items:
-        opts = it["contexts"] if name == "winogrande" else it["choices"]
-        assert len(opts) == n_choices and 0 <= it["gold"] < n_choices
-    if name == "hellaswag":
-        assert items[0]["gold"] == 3 and items[0]["choices"][3] == " starts pulling up roofing on a roof."
-    if name == "boolq":
-        assert items[0]["choices"] == [" no", " yes"] and items[0]["context"].endswith("\nAnswer:")
-    if name == "winogrande":
-        assert items[0]["continuation"] == " always got the easier cases." and items[0]["gold"] == 1
-    with pytest.raises(ValueError, match="unknown benchmark"):
-        ev.load_mc_items("mmlu")

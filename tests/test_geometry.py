@@ -59,12 +59,17 @@ def test_value_rows_feed_exactly_their_query_heads(arch):
     layer, kv_head = 1, geometry.counts.num_kv_heads - 1
     _zero_rows(model, geometry, layer, "v", kv_head)
     o_input = _o_inputs(model, batch)[layer]
+    readers = []
     for head in range(geometry.counts.num_heads):
         values = o_input[..., _head_slice(geometry, head)]
         if geometry.kv_head_of(head) == kv_head:
             assert torch.count_nonzero(values) == 0, f"head {head} should read the zeroed KV head {kv_head}"
+            readers.append(head)
         else:
             assert values.abs().max() > 1e-4, f"head {head} does not read KV head {kv_head} and must stay non-zero"
+    # The grouping tensors say the same as the forward: the heads reading KV head j are its group.
+    assert geometry.kv_groups()[kv_head].tolist() == readers
+    assert (geometry.kv_heads_of_query_heads() == kv_head).nonzero().flatten().tolist() == readers
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -117,13 +122,18 @@ def test_gpt2_mlp_c_proj_is_not_attention():
     geometry = AttentionGeometry.from_model(model)
     assert geometry.parse("transformer.h.0.mlp.c_proj") is None
     assert geometry.parse("transformer.h.0.attn.c_proj").roles == ("o",)
+    # Heads sit on c_proj's inputs and on c_attn's outputs.
+    assert geometry.parse("transformer.h.0.attn.c_proj").input_side and geometry.is_input_side("c_proj")
+    assert not geometry.parse("transformer.h.0.attn.c_attn").input_side and not geometry.is_input_side("c_attn")
 
 
 def test_unknown_architecture_is_refused_with_the_supported_list():
     config = transformers.BloomConfig(hidden_size=32, n_layer=1, n_head=4, vocab_size=32)
     model = transformers.AutoModelForCausalLM.from_config(config)
-    with pytest.raises(UnsupportedArchitectureError, match=r"bloom.*Supported: .*llama.*LAYOUTS"):
+    with pytest.raises(UnsupportedArchitectureError, match=r"bloom.*Supported: .*llama.*LAYOUTS") as info:
         AttentionGeometry.from_model(model)
+    # The fix it names is in the installed package; a user has no repository (tests/, benchmarks/) to edit.
+    assert "tests/" not in str(info.value) and "AttentionLayout entry" in str(info.value)
 
 
 def test_unexpected_projection_size_is_refused():

@@ -17,7 +17,7 @@ from models import build_tiny_model, build_tiny_tokenizer  # noqa: E402
 
 
 def _data_available() -> bool:
-    from cast_peft.data import data_dir
+    from shared_data import data_dir
 
     try:
         return (data_dir() / "safety_tuned_llamas").is_dir()

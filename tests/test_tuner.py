@@ -265,6 +265,16 @@ def test_two_adapters_keep_their_own_masks():
     verify_frozen_heads(peft_model)
 
 
+def test_a_second_adapter_on_gpt2_records_its_conv1d_layout():
+    # GPT-2's attention is transformers Conv1D (weights stored (in, out)); a second adapter meets it wrapped by the
+    # first one's layers and must still save fan_in_fan_out=True, as vanilla peft would need to load it alone.
+    model = build_tiny_model("gpt2")
+    assert isinstance(model.transformer.h[0].attn.c_attn, Conv1D)
+    peft_model = get_peft_model(model, CASTLoraConfig(r=2, skip_heads={0: [1]}))
+    peft_model.add_adapter("second", CASTLoraConfig(r=2, skip_heads={1: [0]}))
+    assert peft_model.peft_config["default"].fan_in_fan_out and peft_model.peft_config["second"].fan_in_fan_out
+
+
 def test_gradient_checkpointing_keeps_masks():
     model = build_tiny_model("llama")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -298,9 +298,26 @@ def format_chat(tokenizer: Any, prompt: str, response: str | None = None) -> tup
     return prompt_text, prompt_text + response + (tokenizer.eos_token or "")
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    # Chat templates already insert BOS and friends, so only add special tokens for the plain fallback template.
-    return list(tokenizer(text, add_special_tokens=not uses_chat_template(tokenizer))["input_ids"])
+def encode(tokenizer: Any, text: str, add_special_tokens: bool | None = None) -> list[int]:
+    """Token ids of ``text``. ``add_special_tokens=None`` (for rendered prompts) adds them only with the fallback
+    template: a chat template already writes BOS and friends."""
+    if add_special_tokens is None:
+        add_special_tokens = not uses_chat_template(tokenizer)
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """Token ids of ``prompt`` rendered as a user turn with the generation prompt (:func:`format_chat`)."""
+    return encode(tokenizer, format_chat(tokenizer, prompt)[0])
+
+
+def padding_id(tokenizer: Any) -> int:
+    """The id to pad with: the tokenizer's PAD, else its EOS, else 0 (padded positions are masked out, so any id
+    works when it defines neither)."""
+    for tok_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tok_id is not None:
+            return int(tok_id)
+    return 0
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -435,12 +452,12 @@ def tokenize_messages(
                 f"{err}). Fix the roles/order of its messages."
             ) from None
 
-    ids = _encode(tokenizer, render(messages, False))
+    ids = encode(tokenizer, render(messages, False))
     labels = [IGNORE_INDEX] * len(ids)
     for i, score in enumerate(scored):
         if score:
-            start = _common_prefix(_encode(tokenizer, render(messages[:i], True)), ids) if i else 0
-            end = _common_prefix(_encode(tokenizer, render(messages[: i + 1], False)), ids)
+            start = _common_prefix(encode(tokenizer, render(messages[:i], True)), ids) if i else 0
+            end = _common_prefix(encode(tokenizer, render(messages[: i + 1], False)), ids)
             labels[start:end] = ids[start:end]
     if len(ids) > max_length:
         first = next((j for j, label in enumerate(labels) if label != IGNORE_INDEX), len(ids))
@@ -466,8 +483,8 @@ def tokenize_pair(
     ``index``: an example number or a location) when no response token is left.
     """
     prompt_text, full_text = format_chat(tokenizer, prompt, response)
-    prompt_ids, ids = _encode(tokenizer, prompt_text), _encode(tokenizer, full_text)
-    n_prompt = _common_prefix(prompt_ids, ids)
+    ids = encode(tokenizer, full_text)
+    n_prompt = _common_prefix(encode(tokenizer, prompt_text), ids)
     n_resp = len(ids) - n_prompt
     if len(ids) > max_length:
         keep_resp = min(n_resp, max(max_length - n_prompt, max_length // 2))
@@ -521,8 +538,7 @@ def make_batches(
     features = [tokenize_example(tokenizer, ex, max_length, f"example {i}") for i, ex in enumerate(examples)]
     if not features:
         raise DataError("make_batches() got no examples.")
-    # Padded positions are masked out, so any id works when the tokenizer defines neither PAD nor EOS.
-    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    pad_id = padding_id(tokenizer)
     return [collate(features[i : i + batch_size], pad_id) for i in range(0, len(features), batch_size)]
 
 
@@ -554,88 +570,3 @@ def fit_max_length(model: Any, max_length: int) -> int:
         )
         return context[1]
     return max_length
-
-
-# ------------------------------------------------------------------------------------------------ shared benchmarks
-def data_dir() -> Path:
-    """Location of the benchmark data (``shared/data``): ``$CAST_DATA_DIR``, else ``../shared/data`` relative to the
-    current directory, else relative to the repository root. Only tests and benchmarks need it."""
-    env = os.environ.get("CAST_DATA_DIR")
-    if env:
-        path = Path(env).expanduser()
-        if not path.is_dir():
-            raise FileNotFoundError(f"CAST_DATA_DIR={env!r} is not a directory.")
-        return path.resolve()
-    candidates = [
-        Path.cwd() / ".." / "shared" / "data",
-        Path(__file__).resolve().parents[2] / ".." / "shared" / "data",
-    ]
-    for path in candidates:
-        if path.is_dir():
-            return path.resolve()
-    tried = ", ".join(str(p.resolve()) for p in candidates)
-    raise FileNotFoundError(f"Benchmark data not found (tried {tried}); set CAST_DATA_DIR to the shared/data folder.")
-
-
-def _join(instruction: str, extra: str | None) -> str:
-    return f"{instruction.strip()}\n\n{extra.strip()}" if extra and extra.strip() else instruction.strip()
-
-
-def load_advbench() -> list[dict]:
-    """AdvBench harmful behaviours (520 prompts; the ``target`` affirmative prefix is kept as an extra key)."""
-    return load_pairs(data_dir() / "advbench" / "harmful_behaviors.csv", prompt_column="goal", response_column=None)
-
-
-def load_harmbench(split: str = "test") -> list[dict]:
-    """HarmBench standard text behaviours without context (test: 159, val: 41, all: 200 prompts)."""
-    if split not in ("test", "val", "all"):
-        raise ValueError(f"split must be 'test', 'val' or 'all', got {split!r}.")
-    rows = load_pairs(data_dir() / "harmbench" / f"harmbench_behaviors_text_{split}.csv", "Behavior", None)
-    rows = [r for r in rows if r.get("FunctionalCategory", "standard") == "standard"]
-    return [r for r in rows if not (r.get("ContextString") or "").strip()]
-
-
-def load_xstest(label: Literal["safe", "unsafe"] = "safe") -> list[dict]:
-    """XSTest prompts: 250 ``safe`` look-alikes (should be answered) or 200 ``unsafe`` contrasts."""
-    if label not in ("safe", "unsafe"):
-        raise ValueError(f"label must be 'safe' or 'unsafe', got {label!r}.")
-    rows = load_pairs(data_dir() / "xstest" / "xstest_prompts.csv", response_column=None)
-    return [r for r in rows if r["label"] == label]
-
-
-def load_safety_tuned_llamas_train() -> list[dict]:
-    """Safety-Tuned LLaMAs training pairs: 2,483 harmful requests with safe responses (CC BY-NC 4.0)."""
-    rows = _read_file(data_dir() / "safety_tuned_llamas" / "training" / "safety_only_data_Instructions.json")
-    pairs = [{"prompt": _join(r["instruction"], r.get("input")), "response": r["output"]} for _, r in rows]
-    return load_pairs(pairs)
-
-
-def load_alpaca_libre(limit: int | None = None) -> list[dict]:
-    """Alpaca-libre utility pairs from v1-v3: ``status == "ok"`` rows with a non-empty output, instruction and input
-    joined, the first row of each prompt kept (3,097 pairs). Lines that are malformed upstream are skipped."""
-    pairs, seen = [], set()
-    for version in (1, 2, 3):
-        path = data_dir() / "alpaca_libre" / f"alpaca_libre_tasks_v{version}.jsonl"
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if row.get("status") != "ok" or not (row.get("output") or "").strip():
-                continue
-            prompt = _join(row["instruction"], row.get("input"))
-            if prompt not in seen:
-                seen.add(prompt)
-                pairs.append({"prompt": prompt, "response": row["output"].strip()})
-    return load_pairs(pairs, limit=limit)
-
-
-def load_self_instruct_user_oriented() -> list[dict]:
-    """Self-Instruct user-oriented tasks (252; evaluation only), instruction and input joined, reference output as
-    ``response``."""
-    rows = _read_file(data_dir() / "self_instruct" / "user_oriented_instructions.jsonl")
-    pairs = [
-        {"prompt": _join(r["instruction"], r["instances"][0].get("input")), "response": r["instances"][0]["output"]}
-        for _, r in rows
-    ]
-    return load_pairs(pairs)

@@ -18,10 +18,12 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from ._core.errors import ConfigError, UnsupportedArchitectureError
 
@@ -77,8 +79,8 @@ LAYOUTS: dict[str, AttentionLayout] = {
 }
 
 _HOW_TO_ADD = (
-    "To add an architecture, add one `AttentionLayout` entry to `cast_peft.geometry.LAYOUTS` (the attention block's "
-    "path regex, its projections and their roles) and a tiny test model to `tests/models.py`."
+    "To add an architecture, add one AttentionLayout entry to cast_peft.geometry.LAYOUTS (module path regex, "
+    "projections and roles)."
 )
 
 
@@ -135,7 +137,7 @@ class HeadCounts:
     def from_model_config(cls, config: Any) -> HeadCounts:
         """Read the counts from a transformers config (object or ``to_dict()`` output)."""
         if isinstance(config, Mapping):
-            config = _DictConfig(config)
+            config = SimpleNamespace(**config)  # attribute access, as on the config object
         _refuse_multimodal(config)
         model_type = getattr(config, "model_type", None)
         layout_of(model_type)  # refuse unknown architectures before reading their fields
@@ -154,13 +156,6 @@ class HeadCounts:
 
 
 _COUNT_FIELDS = ("num_layers", "num_heads", "num_kv_heads", "head_dim")
-
-
-class _DictConfig:
-    """Attribute access over a config dict, as peft hands it to tuners (``config.to_dict()``)."""
-
-    def __init__(self, data: Mapping[str, Any]):
-        self.__dict__.update(data)
 
 
 def _refuse_multimodal(config: Any) -> None:
@@ -208,6 +203,11 @@ class ProjectionRef:
     layer: int
     name: str
     roles: tuple[Role, ...]
+
+    @property
+    def input_side(self) -> bool:
+        """Whether its heads are its input features (the output projection) rather than its outputs."""
+        return name_is_input_side(self.roles)
 
 
 @dataclass(frozen=True)
@@ -281,11 +281,11 @@ class AttentionGeometry:
                 raise UnsupportedArchitectureError(f"Layer {layer} lacks projections {sorted(missing)}. {_HOW_TO_ADD}")
             for name, path in paths.items():
                 out_features, in_features = _feature_counts(modules[path])
-                side_size = in_features if name_is_input_side(self.layout.projections[name]) else out_features
+                side_size = in_features if self.is_input_side(name) else out_features
                 expected = self.features(name)
                 if side_size != expected:
                     raise UnsupportedArchitectureError(
-                        f"{path} has {side_size} {'input' if name_is_input_side(self.layout.projections[name]) else 'output'} "
+                        f"{path} has {side_size} {'input' if self.is_input_side(name) else 'output'} "
                         f"features but {counts.num_heads} heads x {counts.head_dim} (KV heads: {counts.num_kv_heads}) "
                         f"give {expected}. The layout may carry extra per-head channels CAST does not know; refusing "
                         f"to guess. {_HOW_TO_ADD}"
@@ -317,9 +317,25 @@ class AttentionGeometry:
         offset = sum(self.units(other) for other in roles[: roles.index(role)]) * d
         return offset + torch.arange(self.units(role))[:, None] * d + within_head
 
+    def is_input_side(self, name: str) -> bool:
+        """Whether projection ``name`` has its heads on its input features (the output projection)."""
+        return name_is_input_side(self.layout.projections[name])
+
+    # ----------------------------------------------------------------------------------------------- KV groups
+    def kv_groups(self) -> torch.Tensor:
+        """LongTensor ``[num_kv_heads, group_size]``: row ``g`` holds the query heads that read KV head ``g``."""
+        return _kv_groups(self.counts)
+
+    def kv_heads_of_query_heads(self) -> torch.Tensor:
+        """LongTensor ``[num_heads]``: entry ``h`` is the KV head that query head ``h`` reads."""
+        groups = self.kv_groups()
+        kv_of = torch.empty(self.counts.num_heads, dtype=torch.long)
+        kv_of[groups] = torch.arange(len(groups))[:, None]
+        return kv_of
+
     def kv_head_of(self, head: int) -> int:
         """The KV head that query head ``head`` reads."""
-        return head // self.counts.group_size
+        return int(self.kv_heads_of_query_heads()[head])
 
     def enabled_features(self, name: str, enabled_units: Mapping[Role, torch.Tensor]) -> torch.Tensor:
         """Boolean mask over the head-sliced features of projection ``name`` from per-role unit masks.
@@ -358,9 +374,15 @@ def frozen_units(
         kv_skipped = torch.zeros(counts.num_kv_heads, dtype=torch.bool)
         kv_skipped[list(skip_kv_heads.get(layer, []))] = True
     else:
-        groups = skipped.view(counts.num_kv_heads, counts.group_size)
+        groups = skipped[_kv_groups(counts)]
         kv_skipped = groups.all(dim=1) if kv_head_policy == "all" else groups.any(dim=1)
     return {"q": skipped, "o": skipped.clone(), "k": kv_skipped, "v": kv_skipped.clone()}
+
+
+def _kv_groups(counts: HeadCounts) -> torch.Tensor:
+    # The one statement of GQA grouping: query heads share KV heads in contiguous groups (transformers' repeat_kv
+    # repeats each KV head group_size times, so query head h reads KV head h // group_size).
+    return torch.arange(counts.num_heads).view(counts.num_kv_heads, counts.group_size)
 
 
 def name_is_input_side(roles: tuple[Role, ...]) -> bool:
@@ -368,11 +390,21 @@ def name_is_input_side(roles: tuple[Role, ...]) -> bool:
     return roles == ("o",)
 
 
+def _base_layer(module: nn.Module) -> nn.Module:
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module  # peft wrappers
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` (or the base layer a peft wrapper holds) is a transformers ``Conv1D`` (GPT-2's attention),
+    which stores its weight as ``(in, out)``: the one test for it."""
+    return isinstance(_base_layer(module), Conv1D)
+
+
 def _feature_counts(module: nn.Module) -> tuple[int, int]:
     """(out_features, in_features) of a Linear, a transformers Conv1D or a bitsandbytes layer."""
-    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    base = _base_layer(module)
     if hasattr(base, "out_features") and hasattr(base, "in_features"):
         return base.out_features, base.in_features
-    if type(base).__name__ == "Conv1D":  # weight stored (in, out)
+    if is_conv1d(base):  # weight stored (in, out)
         return base.nf, base.weight.shape[0]
     raise UnsupportedArchitectureError(f"Cannot read the feature sizes of a {type(base).__name__}. {_HOW_TO_ADD}")

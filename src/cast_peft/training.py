@@ -16,7 +16,16 @@ from peft import PeftConfig, PeftModel, get_peft_model
 from torch.utils.data import Dataset
 
 from ._core.errors import CastWarning, ConfigError, DataError
-from .data import IGNORE_INDEX, _positive_int, collate, example_form, fit_max_length, prompt_format, tokenize_example
+from .data import (
+    IGNORE_INDEX,
+    _positive_int,
+    collate,
+    example_form,
+    fit_max_length,
+    padding_id,
+    prompt_format,
+    tokenize_example,
+)
 from .models import check_cpu_4bit_layout
 
 
@@ -140,7 +149,7 @@ def train_adapter(
         use_cpu=not torch.cuda.is_available(),
         **training_args,
     )
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = padding_id(tokenizer)  # PAD, else EOS (one of them exists: checked above)
     trainer = Trainer(model=peft_model, args=args, train_dataset=dataset, data_collator=_Collator(pad_id))
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     # With bf16/fp16, accelerate wrapped peft_model.forward in autocast; unwrapped in place so that later evaluations

@@ -31,7 +31,7 @@ import torch
 
 from .._core.errors import CastWarning, ConfigError, ConflictMapError
 from .._core.io import atomic_write, atomic_write_text
-from ..geometry import AttentionGeometry, HeadCounts
+from ..geometry import ROLES, AttentionGeometry, HeadCounts
 
 
 FORMAT = "cast-peft/conflict-map"
@@ -55,7 +55,6 @@ DEFAULT_SKIP_RATIO = 0.1
 DEFAULT_KV_SCORING = "separate"
 DEFAULT_COMBINE = "product"
 DEFAULT_NORMALIZATION = "minmax"
-_ROLES = ("q", "k", "v", "o")
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
@@ -160,7 +159,7 @@ class ConflictMap:
         geometry = AttentionGeometry(counts)
         L, H, K = counts.num_layers, counts.num_heads, counts.num_kv_heads
         self.stats = {}
-        for role in _ROLES:
+        for role in ROLES:
             expected = (L, geometry.units(role), 3)
             tensor = stats.get(role)
             if tensor is None or tuple(tensor.shape) != expected:
@@ -173,7 +172,7 @@ class ConflictMap:
             raise ConflictMapError(f"fs_signed must have shape {(L, H)}; got {tuple(fs_signed.shape)}.")
         self.fs_signed = fs_signed.detach().double().cpu()
         if fs_kv_signed is None:
-            fs_kv_signed = self.fs_signed.view(L, K, counts.group_size).sum(-1)
+            fs_kv_signed = self.fs_signed[:, geometry.kv_groups()].sum(-1)
         if tuple(fs_kv_signed.shape) != (L, K):
             raise ConflictMapError(f"fs_kv_signed must have shape {(L, K)}; got {tuple(fs_kv_signed.shape)}.")
         self.fs_kv_signed = fs_kv_signed.detach().double().cpu()
@@ -190,8 +189,8 @@ class ConflictMap:
 
     # ------------------------------------------------------------------------------------------ derived scores
     def _derive(self) -> None:
-        s, counts = self.stats, self.counts
-        kv_of = torch.arange(counts.num_heads) // counts.group_size
+        s = self.stats
+        kv_of = AttentionGeometry(self.counts).kv_heads_of_query_heads()
         if self.kv_scoring == "shared":
             self.oc = _oc_from(s["q"] + s["o"] + s["k"][:, kv_of] + s["v"][:, kv_of])
             self.oc_kv = self.fs_kv = self.score_kv = None
@@ -452,7 +451,7 @@ class ConflictMap:
             counts = HeadCounts.from_dict(meta["counts"])
             return cls(
                 counts,
-                {role: tensors[f"stats_{role}"] for role in _ROLES},
+                {role: tensors[f"stats_{role}"] for role in ROLES},
                 tensors["fs_signed"],
                 fs_kv_signed=tensors.get("fs_kv_signed"),
                 kv_scoring=meta["kv_scoring"],

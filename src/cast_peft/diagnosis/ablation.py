@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-IGNORE_INDEX = -100
+from ..data import IGNORE_INDEX
+from ..geometry import AttentionGeometry
 
 
 def row_losses(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -34,15 +34,13 @@ def row_losses(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Ten
     return per_position.masked_scatter(scored, token_ce).sum(1)
 
 
-def ablation_units(num_layers: int, num_heads: int, group_size: int, kv_groups: bool) -> list[tuple[int, tuple]]:
+def ablation_units(geometry: AttentionGeometry, kv_groups: bool) -> list[tuple[int, tuple]]:
     """``(layer, heads)`` to ablate: every query head alone, then (``kv_groups``) every KV head's query group."""
-    units = [(layer, (head,)) for layer in range(num_layers) for head in range(num_heads)]
+    counts = geometry.counts
+    units = [(layer, (head,)) for layer in range(counts.num_layers) for head in range(counts.num_heads)]
     if kv_groups:
-        units += [
-            (layer, tuple(range(g * group_size, (g + 1) * group_size)))
-            for layer in range(num_layers)
-            for g in range(num_heads // group_size)
-        ]
+        groups = [tuple(group) for group in geometry.kv_groups().tolist()]
+        units += [(layer, group) for layer in range(counts.num_layers) for group in groups]
     return units
 
 

@@ -218,13 +218,8 @@ class Diagnosis:
         }
         self._o = [p for p in self.projections if p.input_side]
         self.taylor = TaylorAccumulator(self.geometry, self._o[0].name)
-        counts = self.geometry.counts
-        self._units = ablation_units(
-            counts.num_layers,
-            counts.num_heads,
-            counts.group_size,
-            kv_groups=kv_scoring == "separate" and counts.group_size > 1,
-        )
+        kv_groups = kv_scoring == "separate" and self.geometry.counts.group_size > 1
+        self._units = ablation_units(self.geometry, kv_groups=kv_groups)
         self.ablated = torch.zeros(len(self._units), dtype=torch.float64)
         self.sizes = {obj: {"examples": 0, "batches": 0, "tokens": 0, "response_tokens": 0} for obj in OBJECTIVES}
         self.loss_sums = dict.fromkeys(OBJECTIVES, 0.0)
@@ -352,8 +347,9 @@ class Diagnosis:
         if fewest < DEFAULT_CALIBRATION_SIZE:
             logger.warning(
                 "The map comes from %d calibration examples per objective (fewer than %d): expect a noisy "
-                "map and an unstable skip set (see benchmarks/results/map_stability.md).",
+                "map and an unstable skip set; pass at least %d examples of each objective.",
                 fewest,
+                DEFAULT_CALIBRATION_SIZE,
                 DEFAULT_CALIBRATION_SIZE,
             )
         n_s = self.sizes["safety"]["response_tokens"]

@@ -5,7 +5,6 @@ from .metrics import (
     generate_responses,
     is_refusal,
     kl_drift,
-    load_mc_items,
     logit_refusal_score,
     multiple_choice_accuracy,
     over_refusal_rate,
@@ -18,6 +17,6 @@ from .suite import evaluate_model, summary_row
 
 __all__ = [
     "REFUSAL_OPENERS", "is_refusal", "generate_responses", "refusal_rate", "over_refusal_rate", "logit_refusal_score",
-    "perplexity", "response_nll", "multiple_choice_accuracy", "kl_drift", "load_mc_items", "evaluate_model",
+    "perplexity", "response_nll", "multiple_choice_accuracy", "kl_drift", "evaluate_model",
     "summary_row",
 ]  # fmt: skip

@@ -1,5 +1,6 @@
-"""Batching helpers of :mod:`cast_peft.evaluation`: chat-prompt encoding, left padding with explicit position ids,
-log-probabilities of continuations and greedy generation (the conventions are in ``evaluation``'s docstring)."""
+"""Batching helpers of :mod:`cast_peft.evaluation`: context/continuation splits, left padding with explicit position
+ids, log-probabilities of continuations and greedy generation (the conventions are in ``evaluation``'s docstring).
+Prompts are rendered and tokenized by :mod:`cast_peft.data` (``format_chat``, ``encode``, ``prompt_ids``)."""
 
 from __future__ import annotations
 
@@ -13,26 +14,17 @@ import torch
 from tqdm.auto import tqdm
 
 from .._core.errors import ConfigError
-from ..data import context_length, format_chat, uses_chat_template
+from ..data import context_length, encode, format_chat, padding_id
 
 
 logger = logging.getLogger(__name__)
 
 
-def prompt_text(tokenizer: Any, prompt: str) -> str:
-    return format_chat(tokenizer, prompt)[0]
-
-
-def encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
-
-
-def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
-    return encode(tokenizer, prompt_text(tokenizer, prompt), add_special_tokens=not uses_chat_template(tokenizer))
-
-
-def split_encode(tokenizer: Any, context: str, continuation: str, add_special_tokens: bool) -> tuple[list, list]:
-    """Token ids of ``context`` and of ``continuation`` as it is tokenized after ``context``."""
+def split_encode(
+    tokenizer: Any, context: str, continuation: str, add_special_tokens: bool | None
+) -> tuple[list[int], list[int]]:
+    """Token ids of ``context`` and of ``continuation`` as it is tokenized after ``context`` (``add_special_tokens``
+    as in :func:`cast_peft.data.encode`)."""
     ctx = encode(tokenizer, context, add_special_tokens)
     whole = encode(tokenizer, context + continuation, add_special_tokens)
     if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
@@ -40,16 +32,9 @@ def split_encode(tokenizer: Any, context: str, continuation: str, add_special_to
     return ctx, encode(tokenizer, continuation, add_special_tokens=False)
 
 
-def chat_split(tokenizer: Any, prompt: str, continuation: str) -> tuple[list, list]:
-    text = prompt_text(tokenizer, prompt)
-    return split_encode(tokenizer, text, continuation, add_special_tokens=not uses_chat_template(tokenizer))
-
-
-def padding_id(tokenizer: Any) -> int:
-    for tok_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if tok_id is not None:
-            return int(tok_id)
-    return 0
+def chat_split(tokenizer: Any, prompt: str, continuation: str) -> tuple[list[int], list[int]]:
+    """:func:`split_encode` of the rendered ``prompt`` (:func:`cast_peft.data.format_chat`) and ``continuation``."""
+    return split_encode(tokenizer, format_chat(tokenizer, prompt)[0], continuation, add_special_tokens=None)
 
 
 def eos_ids(model: Any, tokenizer: Any) -> set[int]:

@@ -18,37 +18,32 @@ Conventions
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import re
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from ..data import data_dir
+from ..data import encode, padding_id, prompt_ids
 from .batching import (
     batches,
     chat_split,
     continuation_logprobs,
-    encode,
     eval_mode,
     fp32_logits,
     generate_ids,
     input_device,
     left_pad,
     nonempty,
-    padding_id,
-    prompt_ids,
     split_encode,
 )
 
 
 __all__ = [
     "REFUSAL_OPENERS", "is_refusal", "generate_responses", "refusal_rate", "over_refusal_rate", "logit_refusal_score",
-    "perplexity", "response_nll", "multiple_choice_accuracy", "kl_drift", "load_mc_items",
+    "perplexity", "response_nll", "multiple_choice_accuracy", "kl_drift",
 ]  # fmt: skip
 
 #: Phrases a refusal opens with, after an optional preamble (see :func:`is_refusal`); lower-case, straight
@@ -141,7 +136,10 @@ def refusal_rate(
     return _refusal(model, tokenizer, prompts, max_new_tokens, batch_size, progress, "refusal_rate")
 
 
-def _refusal(model, tokenizer, prompts, max_new_tokens, batch_size, progress, key: str) -> dict:
+def _refusal(
+    model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int, progress: bool, key: str
+) -> dict:
+    # refusal_rate and over_refusal_rate: the same measure, reported under their own key.
     responses = generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
     items = [{"prompt": p, "response": r, "refused": is_refusal(r)} for p, r in zip(prompts, responses)]
     return {key: sum(it["refused"] for it in items) / len(items), "n": len(items), "items": items}
@@ -391,63 +389,3 @@ def kl_drift(
                 bar.update(len(idx))
     kl, last = (sum(it[k] for it in items) / len(items) for k in ("kl", "kl_last"))
     return {"kl": kl, "kl_last": last, "n": len(items), "items": items}
-
-
-# ----------------------------------------------------------------------------------------------------- benchmark files
-
-
-def _jsonl(path: Path, limit: int | None) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if limit is not None and len(rows) >= limit:
-                break
-            if line.strip():
-                rows.append(json.loads(line))
-    return rows
-
-
-def load_mc_items(name: str, limit: int | None = None) -> list[dict]:
-    """Multiple-choice items from the shared benchmark files (for tests and benchmarks), first ``limit`` items.
-
-    Formats (lm-eval's zero-shot prompts; every choice starts with a space):
-    ``arc_easy`` / ``boolq``: ``query + "\\nAnswer:"``; ``piqa``: ``"Question: {goal}\\nAnswer:"`` with ``sol1``/``sol2``;
-    ``hellaswag``: the context line and its four endings; ``winogrande``: partial scoring, i.e.
-    ``{"contexts": context_options, "continuation": " " + continuation, "gold"}``, scored by
-    :func:`multiple_choice_accuracy` as log p(continuation | context_option_i).
-    """
-    root = data_dir() / name
-    if name in ("arc_easy", "boolq"):
-        rows = _jsonl(root / f"{name}.jsonl", limit)
-        return [
-            {"context": r["query"] + "\nAnswer:", "choices": [" " + c for c in r["choices"]], "gold": int(r["gold"])}
-            for r in rows
-        ]
-    if name == "piqa":
-        rows = _jsonl(root / "valid.jsonl", limit)
-        labels = (root / "valid-labels.lst").read_text(encoding="utf-8").split()
-        return [
-            {
-                "context": f"Question: {r['goal']}\nAnswer:",
-                "choices": [" " + r["sol1"], " " + r["sol2"]],
-                "gold": int(g),
-            }
-            for r, g in zip(rows, labels)
-        ]
-    if name == "hellaswag":
-        items: list[dict] = []
-        with open(root / "hellaswag_val_full.txt", encoding="utf-8") as f:
-            while limit is None or len(items) < limit:
-                block = [f.readline() for _ in range(6)]
-                if not block[-1]:
-                    break
-                block = [line.rstrip("\n") for line in block]
-                items.append({"context": block[0], "choices": [" " + e for e in block[2:]], "gold": int(block[1])})
-        return items
-    if name == "winogrande":
-        rows = _jsonl(root / "winogrande.jsonl", limit)
-        return [
-            {"contexts": r["context_options"], "continuation": " " + r["continuation"], "gold": int(r["gold"])}
-            for r in rows
-        ]
-    raise ValueError(f"unknown benchmark {name!r}; choose arc_easy, piqa, hellaswag, boolq or winogrande")

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .._core.errors import FrozenHeadsError
+from ..geometry import is_conv1d
 from .layers import HeadMaskedLinear, cast_layers
 
 
@@ -85,14 +86,14 @@ def describe_frozen(model_or_config: Any, adapter_name: str | None = None, *, ve
                 f"{'' if adapter_name is None else f' named {adapter_name!r}'}, so nothing is frozen. {_REOPEN}"
             )
         config = configs[adapter_name]
-    counts = config.counts
+    counts, kv_of = config.counts, config.geometry.kv_heads_of_query_heads()
     layers: dict[int, dict[str, list[int]]] = {}
     for layer in range(counts.num_layers):
         units = config.enabled_units(layer)
         heads = (~units["q"]).nonzero().flatten().tolist()
         kv_heads = (~units["k"]).nonzero().flatten().tolist()
         if heads or kv_heads:
-            reading = [h for h in heads if bool(units["k"][h // counts.group_size])]
+            reading = [h for h in heads if bool(units["k"][kv_of[h]])]
             layers[layer] = {"query_heads": heads, "kv_heads": kv_heads, "reading_trained_kv": reading}
     skipped = sum(len(entry["query_heads"]) for entry in layers.values())
     frozen_kv = sum(len(entry["kv_heads"]) for entry in layers.values())
@@ -127,7 +128,7 @@ def _frozen_slices(config: Any, path: str) -> list[tuple[str, torch.Tensor]]:
     for role in ref.roles:
         frozen = (~units[role]).nonzero().flatten()
         if len(frozen):
-            side = "in" if role == "o" else "out"
+            side = "in" if ref.input_side else "out"
             slices.append((side, geometry.role_index(ref.name, role)[frozen].reshape(-1)))
     return slices
 
@@ -146,7 +147,7 @@ def _reference_tensors(reference: nn.Module | Mapping[str, torch.Tensor], geomet
 
 def _out_in(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
     # transformers Conv1D (GPT-2) stores its weight as (in, out).
-    return tensor.T if type(module).__name__ == "Conv1D" and tensor.dim() == 2 else tensor
+    return tensor.T if is_conv1d(module) and tensor.dim() == 2 else tensor
 
 
 @torch.no_grad()

@@ -24,13 +24,14 @@ from torch import nn
 from .._core.errors import CastWarning, ConfigError
 from .._core.io import atomic_write_text
 from .._core.peft_compat import bind_cast_configs_on_injection, load_cast_configs_from_cast_folders
-from ..geometry import AttentionGeometry, HeadCounts, Role, frozen_units
+from ..geometry import AttentionGeometry, HeadCounts, Role, frozen_units, is_conv1d
 
 
 CAST_CONFIG_NAME = "cast_config.json"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 _CAST_FIELDS = ("skip_heads", "skip_kv_heads", "kv_head_policy", "attention_geometry", "source_map")
-# Inits that write a non-zero B or rewrite the base weight, so frozen heads would change (see notes/peft-design §3.4).
+# The inits that keep B = 0 and the base weight as it is; every other one (PiSSA, OLoRA, LoftQ, ...) writes a
+# non-zero B or rewrites the base weight, so frozen heads would change.
 _ALLOWED_INITS = (True, False, "gaussian")
 
 
@@ -163,7 +164,7 @@ class CASTLoraConfig(LoraConfig):
             self._check_skip_sets(self.counts)
         # `_custom_modules` is not serialised, so every construction path registers the dispatcher again. Experimental
         # peft API, checked against peft 0.19-0.21 (`LoraConfig._register_custom_module`).
-        from .layers import custom_module_mapping
+        from .dispatch import custom_module_mapping
 
         self._register_custom_module(custom_module_mapping())
 
@@ -223,7 +224,7 @@ class CASTLoraConfig(LoraConfig):
             self.target_modules = geometry.target_modules_regex()
         # GPT-2's attention projections are transformers Conv1D (weights stored (in, out)); peft's default dispatch
         # would flip this flag on the shared config with a warning, so set it here, where the model is known.
-        if any(type(module).__name__ == "Conv1D" for module in _attention_modules(model, geometry)):
+        if any(is_conv1d(module) for module in _attention_modules(model, geometry)):
             self.fan_in_fan_out = True
         _refuse_plain_lora_targets(model, geometry)
         paths = [path for layer_paths in geometry.projections(model).values() for path in layer_paths.values()]
@@ -332,7 +333,7 @@ class CASTLoraConfig(LoraConfig):
         if ref is None:
             return None
         enabled = geometry.enabled_features(ref.name, self.enabled_units(ref.layer))
-        return enabled, ("in" if ref.roles == ("o",) else "out")
+        return enabled, ("in" if ref.input_side else "out")
 
     # --------------------------------------------------------------------------------------------- constructors
     @classmethod
@@ -413,7 +414,7 @@ def matching_lora_config(model: nn.Module, **lora_kwargs: Any) -> LoraConfig:
     """Plain peft LoRA on the attention projections a `CASTLoraConfig` targets by default: the baseline with the same
     budget (rank, targets) as a CAST adapter, for comparisons."""
     geometry = AttentionGeometry.from_model(model)
-    conv1d = any(type(module).__name__ == "Conv1D" for module in _attention_modules(model, geometry))
+    conv1d = any(is_conv1d(module) for module in _attention_modules(model, geometry))
     return LoraConfig(target_modules=geometry.target_modules_regex(), fan_in_fan_out=conv1d, **lora_kwargs)
 
 

@@ -66,7 +66,7 @@ from torch import nn
 
 from .._core.errors import CastError, ConfigError, FrozenHeadsError
 from .._core.io import atomic_write_text
-from ..geometry import AttentionGeometry, HeadCounts, frozen_units, name_is_input_side
+from ..geometry import AttentionGeometry, HeadCounts, frozen_units, is_conv1d
 
 
 DENSE_CONFIG_NAME = "cast_dense.json"
@@ -377,8 +377,8 @@ def freeze_heads(
         index = torch.cat([geometry.role_index(name, role)[frozen[role]].reshape(-1) for role in roles]).sort().values
         if not index.numel():
             continue
-        input_side = name_is_input_side(roles)
-        conv1d = type(module).__name__ == "Conv1D"  # transformers Conv1D stores its weight (in, out)
+        input_side = geometry.is_input_side(name)
+        conv1d = is_conv1d(module)  # transformers Conv1D stores its weight (in, out)
         weight_dim = (0 if conv1d else 1) if input_side else (1 if conv1d else 0)
         params = [("weight", weight_dim)] + ([] if input_side or module.bias is None else [("bias", 0)])
         for param_name, dim in params:

@@ -9,6 +9,8 @@ is masked without copying peft's forward code, and the masked slices:
 * are zeroed when the mask is installed and after every state-dict load,
 * get an exactly-zero gradient (the mask is applied in forward), so SGD/Adam/AdamW with weight decay keep them 0,
 * give an exactly-zero delta, so merging adds ``+0`` to skipped heads and leaves them bit-identical.
+
+The bitsandbytes variants are in :mod:`.bnb`; which layer a module gets is decided in :mod:`.dispatch`.
 """
 
 from __future__ import annotations
@@ -17,12 +19,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from peft.import_utils import is_bnb_4bit_available, is_bnb_available
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 
 class HeadMaskedLinear(nn.Linear):
@@ -113,91 +112,6 @@ class CastLayerMixin:
 
 class CastLinear(CastLayerMixin, LoraLinear):
     """Head-masked LoRA for ``nn.Linear`` and transformers ``Conv1D`` (GPT-2) bases."""
-
-
-def _bnb_classes() -> dict[str, type]:
-    classes: dict[str, type] = {}
-    if is_bnb_available():
-        from peft.tuners.lora.bnb import Linear8bitLt
-
-        class CastLinear8bitLt(CastLayerMixin, Linear8bitLt):
-            """Head-masked LoRA on a bitsandbytes 8-bit base."""
-
-            def __init__(self, base_layer, adapter_name, config, target_name=None, **kwargs):
-                super().__init__(base_layer, adapter_name, config=config, **kwargs)
-                # peft's bnb layers do not pass target_name to update_layer for the first adapter (peft 0.21.2).
-                self.install_head_mask(adapter_name, config, target_name)
-
-        classes["8bit"] = CastLinear8bitLt
-    if is_bnb_4bit_available():
-        from peft.tuners.lora.bnb import Linear4bit
-
-        class CastLinear4bit(CastLayerMixin, Linear4bit):
-            """Head-masked LoRA on a bitsandbytes 4-bit (QLoRA) base."""
-
-            def __init__(self, base_layer, adapter_name, config, target_name=None, **kwargs):
-                super().__init__(base_layer, adapter_name, config=config, **kwargs)
-                self.install_head_mask(adapter_name, config, target_name)
-
-        classes["4bit"] = CastLinear4bit
-    return classes
-
-
-_BNB_CLASSES = _bnb_classes()
-CastLinear8bitLt = _BNB_CLASSES.get("8bit")
-CastLinear4bit = _BNB_CLASSES.get("4bit")
-
-
-def dispatch_cast(target: nn.Module, adapter_name: str, config: Any, **kwargs: Any) -> nn.Module | None:
-    """peft dynamic-dispatch entry: a CAST layer for attention projections, ``None`` (plain LoRA) for the rest."""
-    if config.feature_mask(kwargs["target_name"]) is None:
-        return None
-    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-    if CastLinear4bit is not None:
-        import bitsandbytes as bnb
-
-        if isinstance(base, bnb.nn.Linear4bit):
-            # Same extra arguments as peft's dispatch_bnb_4bit (peft 0.21.2).
-            return CastLinear4bit(
-                target,
-                adapter_name,
-                config=config,
-                compute_dtype=base.compute_dtype,
-                compress_statistics=base.weight.compress_statistics,
-                quant_type=base.weight.quant_type,
-                **kwargs,
-            )
-    if CastLinear8bitLt is not None:
-        import bitsandbytes as bnb
-
-        if isinstance(base, bnb.nn.Linear8bitLt):
-            # Same extra arguments as peft's dispatch_bnb_8bit (peft 0.21.2).
-            return CastLinear8bitLt(
-                target,
-                adapter_name,
-                config=config,
-                has_fp16_weights=base.state.has_fp16_weights,
-                threshold=base.state.threshold,
-                index=base.index,
-                **kwargs,
-            )
-    is_conv1d = isinstance(base, Conv1D)
-    if is_conv1d != bool(config.fan_in_fan_out):
-        raise ValueError(
-            f"{kwargs['target_name']} is a {type(base).__name__} but fan_in_fan_out={config.fan_in_fan_out}; "
-            f"set fan_in_fan_out={is_conv1d} (Conv1D stores weights as (in, out))."
-        )
-    if isinstance(base, (nn.Linear, Conv1D)):
-        return CastLinear(target, adapter_name, config=config, is_target_conv_1d_layer=is_conv1d, **kwargs)
-    raise ValueError(
-        f"CAST cannot put a head-masked LoRA on {kwargs['target_name']} ({type(base).__name__}); supported bases "
-        f"are nn.Linear, transformers Conv1D and bitsandbytes Linear4bit/Linear8bitLt."
-    )
-
-
-def custom_module_mapping() -> dict[type, Any]:
-    """The ``_register_custom_module`` mapping. bitsandbytes layers subclass nn.Linear, so one callable serves all."""
-    return {nn.Linear: dispatch_cast, Conv1D: dispatch_cast}
 
 
 def cast_layers(model: nn.Module) -> dict[str, LoraLayer]:

@@ -3,17 +3,11 @@
 import csv
 import json
 import re
-import sys
 from collections import Counter
-from pathlib import Path
 
+import lookalike as la
 import pytest
-
-from cast_peft.data import data_dir
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import lookalike as la  # noqa: E402
+from shared_data import data_dir
 
 
 def _norm(text: str) -> str:
