@@ -14,8 +14,15 @@ import torch
 from peft import PeftConfig, PeftModel, get_peft_model
 from torch.utils.data import Dataset
 
+from ._io import check_output, output_folder
 from .data import IGNORE_INDEX, collate, tokenize_pair, tokenize_text
 from .models import check_cpu_4bit_layout
+
+
+# An existing `output_dir/adapter` is replaced when cast-peft wrote it (marker) or it holds only what peft writes.
+_ADAPTER_OUTPUT = dict(
+    overwrite=True, replaceable=("adapter_config.json", "adapter_model.safetensors", "cast_config.json", "README.md")
+)
 
 
 class TokenizedDataset(Dataset):
@@ -96,6 +103,7 @@ def train_adapter(
         peft_model = get_peft_model(model, peft_config)
     dataset = TokenizedDataset(tokenizer, train_data, max_length)
     output_dir = Path(output_dir)
+    check_output(output_dir / "adapter", **_ADAPTER_OUTPUT)  # before training, not after
     args = TrainingArguments(
         output_dir=str(output_dir / "checkpoints"),
         max_steps=max_steps,
@@ -119,8 +127,10 @@ def train_adapter(
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     peft_model.eval()
     if trainer.is_world_process_zero():
-        # Attention adapters never touch the embeddings; "auto" would look the base model up on the hub.
-        peft_model.save_pretrained(output_dir / "adapter", save_embedding_layers=False)
+        # Built beside and swapped in: an interrupted save leaves the previous adapter whole. Attention adapters
+        # never touch the embeddings; "auto" would look the base model up on the hub.
+        with output_folder(output_dir / "adapter", command="train_adapter", **_ADAPTER_OUTPUT) as tmp:
+            peft_model.save_pretrained(tmp, save_embedding_layers=False)
     return peft_model
 
 
