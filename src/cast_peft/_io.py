@@ -264,7 +264,7 @@ def _default_modes(folder: Path) -> None:
     """Give everything in ``folder`` the modes a plain open()/mkdir() would: safetensors (0.8.0) creates its files
     0600, so a merged model or adapter would be unreadable to a server running as another user."""
     mask = umask()
-    for root, dirs, files in os.walk(folder):
+    for root, _dirs, files in os.walk(folder):
         os.chmod(root, 0o777 & ~mask)
         for name in files:
             path = os.path.join(root, name)
