@@ -10,14 +10,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
+import traceback
 from pathlib import Path
 
 import pytest
 import torch
-from _save_worker import make_map, save_adapter
+from _save_helpers import make_map, save_adapter
 from models import build_tiny_model, build_tiny_tokenizer
 
 import cast_peft
@@ -60,6 +62,42 @@ def _start(args: list[str], stage: str) -> subprocess.Popen:
     return proc
 
 
+class _Forked:
+    """A child forked from this test process (so it pays no import time) that calls ``fn(*args)`` with
+    ``PAUSE_ENV=stage``; its stderr is a pipe, and ``kill`` is a real SIGKILL. CPU-only work (CUDA does not survive a
+    fork): the CLI child below is a fresh interpreter instead."""
+
+    def __init__(self, stage: str, fn, *args) -> None:
+        read, write = os.pipe()
+        self.pid, self.returncode = os.fork(), None
+        if self.pid == 0:  # the child: never returns into pytest
+            code = 1
+            try:
+                os.close(read)
+                sys.stderr = os.fdopen(write, "w", buffering=1)
+                os.environ[PAUSE_ENV] = stage
+                fn(*args)
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        os.close(write)
+        self.stderr = os.fdopen(read)
+        self._timer = threading.Timer(240, self.kill)  # a child that never pauses must not hang the suite
+        self._timer.start()
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, signal.SIGKILL)
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            self.returncode = os.waitpid(self.pid, 0)[1]
+            self._timer.cancel()
+        return self.returncode
+
+
 def _kill_when_paused(proc: subprocess.Popen, stage: str) -> None:
     seen = []
     for line in proc.stderr:
@@ -88,11 +126,11 @@ def test_kill_at_every_stage_of_a_write_leaves_old_or_new_whole(tmp_path, tiny_d
     assert main(["diagnose", *common, "--output", str(cli_out)]) == 0
     cli_old = {p.name: p.read_bytes() for p in cli_out.iterdir() if p.is_file()}
 
-    # All workers run at once (each spends most of its time importing torch).
-    procs = {stage: _start([str(TESTS / "_save_worker.py"), "map", str(t), "1"], stage) for stage, t in maps.items()}
-    procs["adapter-config"] = _start([str(TESTS / "_save_worker.py"), "adapter", str(adapter), "1"], "adapter-config")
+    # All writers run at once; the CLI one is a fresh interpreter, the others are forks of this process.
     cli_args = ["-m", "cast_peft.cli", "diagnose", *common, "--seed", "1", "--output", str(cli_out), "--overwrite"]
-    procs["cli-trashed"] = _start(cli_args, "trashed")
+    procs = {"cli-trashed": _start(cli_args, "trashed")}
+    procs |= {stage: _Forked(stage, lambda t=target: make_map(1).save(t)) for stage, target in maps.items()}
+    procs["adapter-config"] = _Forked("adapter-config", save_adapter, str(adapter), 1, {0: [1]})
     for stage, proc in procs.items():
         _kill_when_paused(proc, stage.removeprefix("cli-"))
 
@@ -240,13 +278,18 @@ def test_arguments_are_validated_before_any_work(argv, argument, tmp_path, capsy
 
 
 def _without_root_override() -> None:
-    """preexec_fn: drop CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH (prctl PR_CAPBSET_DROP), so that permissions bind root."""
+    """Drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from this process (capset(2)): root then obeys permission bits."""
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
-    for capability in (1, 2):
-        if libc.prctl(24, capability, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+    data = (ctypes.c_uint32 * 6)()  # two {effective, permitted, inheritable} words
+    if libc.capget(header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capget")
+    for word in (0, 1):  # effective and permitted, capabilities 0-31
+        data[word] &= ~((1 << 1) | (1 << 2))
+    if libc.capset(header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
 
 
 def test_unwritable_output_is_one_line_before_any_work(tmp_path):
@@ -258,25 +301,25 @@ def test_unwritable_output_is_one_line_before_any_work(tmp_path):
     (ours / MARKER_NAME).write_text("{}")
     readonly_parent.chmod(0o555)
     ours.chmod(0o555)
-    script = (
-        "import sys; from cast_peft.cli import main\n"
-        "for argv in sys.argv[1:]:\n"
-        "    print('rc', main(argv.split()), file=sys.stderr, flush=True)\n"
-    )
-    no_model = f"--model {tmp_path / 'no-such-model'}"
-    cases = [f"diagnose {no_model} --output {readonly_parent / 'new'}",
-             f"merge {no_model} --adapter {tmp_path} --output {ours} --overwrite"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    no_model = ["--model", str(tmp_path / "no-such-model")]
+    cases = [["diagnose", *no_model, "--output", str(readonly_parent / "new")],
+             ["merge", *no_model, "--adapter", str(tmp_path), "--output", str(ours), "--overwrite"]]  # fmt: skip
+
+    def run_cases() -> None:
+        if os.geteuid() == 0:  # root writes anywhere; without CAP_DAC_OVERRIDE it obeys the permission bits
+            _without_root_override()
+        for argv in cases:
+            print("rc", main(argv), file=sys.stderr)
+
     try:
-        # Root writes anywhere; without CAP_DAC_OVERRIDE it obeys the permission bits like any user.
-        preexec = _without_root_override if os.geteuid() == 0 else None
-        result = subprocess.run([sys.executable, "-c", script, *cases], env=env, capture_output=True, text=True,
-                                timeout=240, preexec_fn=preexec)  # fmt: skip
+        child = _Forked("none", run_cases)
+        stderr = child.stderr.read()
+        assert child.wait() == 0, stderr
     finally:
         readonly_parent.chmod(0o755)
         ours.chmod(0o755)
-    lines = result.stderr.strip().splitlines()
-    assert lines[1::2] == ["rc 2", "rc 2"], result.stderr[-3000:]
+    lines = stderr.strip().splitlines()
+    assert lines[1::2] == ["rc 2", "rc 2"], stderr
     assert lines[0].startswith("error: cannot write in") and "permission denied" in lines[0]
     assert lines[2].startswith("error: ") and "read-only" in lines[2]
     assert (ours / MARKER_NAME).exists() and not (readonly_parent / "new").exists()

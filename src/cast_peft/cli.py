@@ -302,9 +302,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # permissions, full disk, a vanished path: name the path and what to check
-        where = f" ({err.filename})" if err.filename else ""
-        print(f"error: {err.strerror or err}{where}; check that the path exists, is writable and has space.",
-              file=sys.stderr)  # fmt: skip
+        if err.strerror is None:  # raised with a message of its own
+            print(f"error: {err}", file=sys.stderr)
+        else:
+            where = f" ({err.filename})" if err.filename else ""
+            print(f"error: {err.strerror}{where}; check that the path exists, is writable and has space.",
+                  file=sys.stderr)  # fmt: skip
         return 2
     return 0
 

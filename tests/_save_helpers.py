@@ -1,11 +1,6 @@
-"""Worker for tests/test_outputs.py: saves a conflict map or a CAST adapter, to be SIGKILLed at a pause point.
-
-Usage: ``python _save_worker.py map|adapter TARGET SEED`` with ``CAST_PEFT_TEST_PAUSE_AT=<stage>`` in the environment.
-"""
+"""What tests/test_outputs.py saves (and kills mid-save): a conflict map and a tiny CAST adapter, both seeded."""
 
 from __future__ import annotations
-
-import sys
 
 import torch
 from models import build_tiny_model
@@ -36,11 +31,3 @@ def save_adapter(target: str, seed: int, skip: dict[int, list[int]]) -> None:
     torch.manual_seed(seed)
     model = get_peft_model(build_tiny_model("llama"), CASTLoraConfig(r=2, skip_heads=skip))
     model.save_pretrained(target)
-
-
-if __name__ == "__main__":
-    kind, target, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    if kind == "map":
-        make_map(seed).save(target)
-    else:
-        save_adapter(target, seed, {0: [seed % 4]})
