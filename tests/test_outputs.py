@@ -265,7 +265,7 @@ def test_an_empty_existing_folder_is_used(tmp_path, tiny_dir):
         (["train", "--steps", "-1"], "--steps"),
         (["train", "--r", "0"], "--r"),
         (["train", "--lora-dropout", "1"], "--lora-dropout"),
-        (["train", "--lr", "-1e-3"], "--lr"),
+        (["train", "--lr", "0"], "--lr"),
     ],
 )
 def test_arguments_are_validated_before_any_work(argv, argument, tmp_path, capsys):
