@@ -95,7 +95,7 @@ def _temp_path(target: Path, kind: str) -> Path:
 
 
 def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid() or os.name == "nt":  # on Windows os.kill(pid, 0) would terminate the process
+    if pid == os.getpid():
         return True
     try:
         os.kill(pid, 0)
@@ -117,16 +117,17 @@ def _leftovers(target: Path) -> list[tuple[str, Path]]:
     for path in entries:
         try:
             kind, pid, _, host = path.name[len(prefix) :].split("-", 3)
+            mtime = path.stat().st_mtime
             dead = (
                 not _pid_alive(int(pid))
-                if host == _host()
-                else time.time() - path.stat().st_mtime > STALE_HOURS * 3600
+                if host == _host() and os.name != "nt"  # Windows: os.kill(pid, 0) would terminate the process
+                else time.time() - mtime > STALE_HOURS * 3600
             )
         except (ValueError, OSError):
             continue
         if kind in _KINDS and dead:
-            found.append((kind, path))
-    return sorted(found, key=lambda item: item[1].stat().st_mtime, reverse=True)
+            found.append((mtime, kind, path))
+    return [(kind, path) for _, kind, path in sorted(found, reverse=True)]
 
 
 def _remove(path: Path) -> bool:
