@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 
 CONFIGS = ("plain_all", "plain_attn", "map_exact", "map_sketch", "ablation", "taylor_small")
@@ -155,7 +156,11 @@ def worker(config: str, args: argparse.Namespace, out: Path) -> None:
     result["rss_after_load_mib"] = base_rss
     result["peak_extra_mib"] = peak.peak - base_rss
     if not config.startswith("plain"):
-        torch.save({"oc": cmap.oc, "fs": cmap.fs, "taylor": cmap.extras["taylor_signed"]}, out.with_suffix(".pt"))
+        # safetensors, not torch.save: the parent reads it back without unpickling anything.
+        tensors = {"oc": cmap.oc, "fs": cmap.fs, "taylor": cmap.extras["taylor_signed"]}
+        save_file(
+            {k: t.detach().contiguous().clone() for k, t in tensors.items()}, str(out.with_suffix(".safetensors"))
+        )
         if config == "map_exact":
             # OC over q/o (separate, the default), k/v per KV head, and q/k/v/o per head (shared).
             exact = {
@@ -211,8 +216,8 @@ def main() -> None:
             print(f"running {config} ...", flush=True)
             subprocess.run(command, check=True)
             results[config] = json.loads(path.read_text())
-            if path.with_suffix(".pt").exists():
-                tensors[config] = torch.load(path.with_suffix(".pt"))
+            if path.with_suffix(".safetensors").exists():
+                tensors[config] = load_file(str(path.with_suffix(".safetensors")))
             print(json.dumps(results[config]), flush=True)
     summary = _summary(results, tensors)
     args.out.mkdir(parents=True, exist_ok=True)

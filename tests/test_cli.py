@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -32,10 +33,12 @@ def test_demo_quick_writes_a_complete_report(tiny_dir, tmp_path, capsys):
         assert (out / name).is_file(), name
     assert str(out / "report.md") in capsys.readouterr().out
     # An existing output folder is refused (and left as it was) unless --overwrite.
-    with pytest.raises(SystemExit, match="--overwrite"):
-        main(["demo", "--quick", "--model", str(tiny_dir), "--output", str(out)])
+    capsys.readouterr()
+    assert main(["demo", "--quick", "--model", str(tiny_dir), "--output", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
     assert (out / "report.md").read_text() == report
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".demo.")], "no temporary folder may be left"
+    assert not list(out.rglob(".*.cast-*")), "no temporary folder may be left inside either"
 
 
 def test_diagnose_train_evaluate_merge(tiny_dir, tmp_path):
@@ -70,7 +73,7 @@ def test_diagnose_train_evaluate_merge(tiny_dir, tmp_path):
     assert not torch.equal(merged.model.layers[layer].self_attn.q_proj.weight, q_base)
 
 
-def test_adapter_from_another_model_is_refused(tiny_dir, tmp_path):
+def test_adapter_from_another_model_is_refused(tiny_dir, tmp_path, capsys):
     other = tmp_path / "other"
     build_tiny_model("qwen3").save_pretrained(other)
     build_tiny_tokenizer().save_pretrained(other)
@@ -81,9 +84,10 @@ def test_adapter_from_another_model_is_refused(tiny_dir, tmp_path):
     # A plain-LoRA adapter carries no head geometry; write a CAST one for the qwen3 model and apply it to llama.
     config = CASTLoraConfig(r=2, skip_heads={0: [1]}, attention_geometry=_counts(other))
     config.save_pretrained(tmp_path / "t" / "adapter")
-    with pytest.raises(SystemExit, match="trained on .*qwen3.*Pass its base"):
-        main(["evaluate", "--model", str(tiny_dir), "--adapter", str(tmp_path / "t" / "adapter"),
-              "--output", str(tmp_path / "e")])  # fmt: skip
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(tiny_dir), "--adapter", str(tmp_path / "t" / "adapter"),
+                 "--output", str(tmp_path / "e")]) == 2  # fmt: skip
+    assert re.search("trained on .*qwen3.*Pass its base", capsys.readouterr().err)
 
 
 def _counts(path):

@@ -111,7 +111,7 @@ def test_ddp_two_cpu_processes_keep_skipped_heads_frozen(tmp_path):
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=280)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     _frozen_q_rows_zero(tmp_path / "adapter")
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert ranks[0]["world_size"] == 2
     for name in ranks[0]["lora"]:  # DDP keeps the replicas identical
         assert torch.equal(ranks[0]["lora"][name], ranks[1]["lora"][name]), name

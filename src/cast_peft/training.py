@@ -16,6 +16,7 @@ from peft import PeftConfig, PeftModel, get_peft_model
 from torch.utils.data import Dataset
 
 from ._core.errors import CastWarning, ConfigError, DataError
+from ._core.io import check_output, output_folder
 from .data import (
     IGNORE_INDEX,
     _positive_int,
@@ -27,6 +28,12 @@ from .data import (
     tokenize_example,
 )
 from .models import check_cpu_4bit_layout
+
+
+# An existing `output_dir/adapter` is replaced when cast-peft wrote it (marker) or it holds only what peft writes.
+_ADAPTER_OUTPUT = dict(
+    overwrite=True, replaceable=("adapter_config.json", "adapter_model.safetensors", "cast_config.json", "README.md")
+)
 
 
 class TokenizedDataset(Dataset):
@@ -131,6 +138,7 @@ def train_adapter(
             model.config.use_cache = False
         peft_model = get_peft_model(model, peft_config)
     output_dir = Path(output_dir)
+    check_output(output_dir / "adapter", **_ADAPTER_OUTPUT)  # before training, not after
     args = TrainingArguments(
         output_dir=str(output_dir / "checkpoints"),
         max_steps=max_steps,
@@ -157,8 +165,10 @@ def train_adapter(
     trainer.accelerator.unwrap_model(peft_model, keep_fp32_wrapper=False)
     peft_model.eval()
     if trainer.is_world_process_zero():
-        # Attention adapters never touch the embeddings; "auto" would look the base model up on the hub.
-        peft_model.save_pretrained(output_dir / "adapter", save_embedding_layers=False)
+        # Built beside and swapped in: an interrupted save leaves the previous adapter whole. Attention adapters
+        # never touch the embeddings; "auto" would look the base model up on the hub.
+        with output_folder(output_dir / "adapter", command="train_adapter", **_ADAPTER_OUTPUT) as tmp:
+            peft_model.save_pretrained(tmp, save_embedding_layers=False)
     return peft_model
 
 

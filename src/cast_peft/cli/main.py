@@ -1,42 +1,34 @@
 """`cast-peft` command line: diagnose | train | evaluate | merge | demo.
 
-Every command writes into one output folder. The folder is built under a temporary name and renamed into place when
-the command succeeds, so an interrupted run never leaves a half-written result; an existing folder is refused unless
-``--overwrite`` is given.
+Every command runs in the same order: parse and validate every argument, check the output folder, read the inputs
+(data, map, adapter config), load the model, work, and swap the output folder into place (see `cast_peft._core.io`). So a
+bad argument or output path fails in seconds, before any model is loaded, and an interrupted run leaves the previous
+output (or none) whole. ``--overwrite`` replaces only a folder cast-peft wrote; errors print one line and exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .._core.errors import AdapterError, CastError
+from .._core.io import output_folder, prepare_output
 from ..models import DEFAULT_MODEL
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
-@contextmanager
-def run_folder(output: str | Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary folder beside ``output``; rename it to ``output`` on success, delete it on failure."""
-    output = Path(output)
-    if output.exists() and not overwrite:
-        raise SystemExit(f"error: {output} already exists; pass --overwrite to replace it or choose another --output.")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if output.exists():
-        shutil.rmtree(output)
-    tmp.rename(output)
+def _output(args: argparse.Namespace, *inputs: str | None) -> dict[str, Any]:
+    """Check ``--output`` before any work (and clean dead runs' leftovers beside it); returns what
+    `output_folder` needs to build and swap it at the end."""
+    output = dict(overwrite=args.overwrite, inputs=[i for i in inputs if i])
+    prepare_output(args.output, **output)
+    return {"command": f"cast-peft {args.command}", **output}
 
 
 def load_examples(source: str, kind: str, split: str, limit: int | None = None) -> list[dict]:
@@ -70,10 +62,11 @@ def _write_json(path: Path, data: Any) -> None:
 def cmd_diagnose(args: argparse.Namespace) -> None:
     from ..diagnosis.run import diagnose
 
-    model, tokenizer = _load_model(args)
+    output = _output(args, args.model, args.safety, args.utility)
     safety = load_examples(args.safety, "safety", "train", args.n_calibration)
     utility = load_examples(args.utility, "utility", "train", args.n_calibration)
-    with run_folder(args.output, args.overwrite) as out:
+    model, tokenizer = _load_model(args)
+    with output_folder(args.output, **output) as out:
         cmap = diagnose(model, tokenizer, safety, utility, batch_size=args.batch_size, max_length=args.max_length,
                         sensitivity=args.sensitivity, seed=args.seed,
                         **({"kv_scoring": args.kv_scoring} if args.kv_scoring else {}))  # fmt: skip
@@ -88,19 +81,20 @@ def cmd_train(args: argparse.Namespace) -> None:
     from ..training import train_adapter
     from ..tuner.config import CASTLoraConfig, matching_lora_config
 
-    model, tokenizer = _load_model(args)
+    output = _output(args, args.model, args.data, args.mix_utility, args.conflict_map)
     data = load_examples(args.data, "safety", "train")
     if args.mix_utility:
         data = data + load_examples(args.mix_utility, "utility", "train")
+    cmap = ConflictMap.load(args.conflict_map) if args.conflict_map else None
+    model, tokenizer = _load_model(args)
     lora_kwargs = dict(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
-    if args.conflict_map:
-        cmap = ConflictMap.load(args.conflict_map)
+    if cmap is not None:
         cmap.check_compatible(model)
         config = CASTLoraConfig.from_conflict_map(cmap, skip_ratio=args.skip_ratio, policy=args.policy, seed=args.seed,
                                                   **lora_kwargs)  # fmt: skip
     else:  # plain LoRA on the same targets: the baseline with the same budget
         config = matching_lora_config(model, **lora_kwargs)
-    with run_folder(args.output, args.overwrite) as out:
+    with output_folder(args.output, **output) as out:
         train_adapter(model, tokenizer, data, config, out, max_steps=args.steps, learning_rate=args.lr,
                       batch_size=args.batch_size, max_length=args.max_length, seed=args.seed)  # fmt: skip
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
@@ -112,33 +106,41 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     from ..evaluation.suite import evaluate_model, summary_row
 
-    model, tokenizer = _load_model(args)
-    if args.adapter:
-        _check_adapter_base(args.adapter, model)
-        model = PeftModel.from_pretrained(model, args.adapter)
+    output = _output(args, args.model, args.adapter, args.harmful, args.safe, args.helpful)
+    cast_config = _read_adapter_config(args.adapter) if args.adapter else None
     harmful = load_prompts(args.harmful, "safety", "test", args.limit)
     safe = load_prompts(args.safe, "utility", "test", args.limit)
     helpful = load_examples(args.helpful, "utility", "test", args.limit)
+    model, tokenizer = _load_model(args)
+    if args.adapter:
+        _check_adapter_base(cast_config, model)
+        model = PeftModel.from_pretrained(model, args.adapter)
     results = evaluate_model(model, tokenizer, harmful, safe, helpful, max_new_tokens=args.max_new_tokens,
                              batch_size=args.batch_size)  # fmt: skip
-    with run_folder(args.output, args.overwrite) as out:
+    with output_folder(args.output, **output) as out:
         _write_json(out / "results.json", results)
         _write_json(out / "summary.json", summary_row(results))
     print(json.dumps(summary_row(results), indent=2))
 
 
-def _check_adapter_base(adapter: str, model: Any) -> None:
-    """Refuse an adapter whose recorded head geometry does not match ``model``."""
-    cast_file = Path(adapter) / "cast_config.json"
-    if not (Path(adapter) / "adapter_config.json").is_file():
-        raise SystemExit(f"error: {adapter} has no adapter_config.json; pass the adapter folder (…/adapter).")
-    if cast_file.is_file():
-        from ..geometry import AttentionGeometry
+def _read_adapter_config(adapter: str) -> Any:
+    """The adapter's `CASTLoraConfig` (weights checked against its recorded hash), ``None`` for plain LoRA."""
+    from ..tuner.config import ADAPTER_CONFIG_NAME, CAST_CONFIG_NAME, CASTLoraConfig
 
-        recorded = json.loads(cast_file.read_text()).get("attention_geometry")
-        actual = AttentionGeometry.from_model(model).counts.to_dict()
-        if recorded and recorded != actual:
-            raise SystemExit(f"error: the adapter was trained on {recorded}, but --model is {actual}. Pass its base.")
+    if not (Path(adapter) / ADAPTER_CONFIG_NAME).is_file():
+        raise AdapterError(f"{adapter} has no {ADAPTER_CONFIG_NAME}; pass the adapter folder (…/adapter).")
+    return CASTLoraConfig.from_pretrained(adapter) if (Path(adapter) / CAST_CONFIG_NAME).is_file() else None
+
+
+def _check_adapter_base(cast_config: Any, model: Any) -> None:
+    """Refuse an adapter whose recorded head geometry does not match ``model``."""
+    if cast_config is None or not cast_config.attention_geometry:
+        return
+    from ..geometry import AttentionGeometry
+
+    recorded, actual = cast_config.attention_geometry, AttentionGeometry.from_model(model).counts.to_dict()
+    if recorded != actual:
+        raise AdapterError(f"the adapter was trained on {recorded}, but --model is {actual}. Pass its base.")
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -147,10 +149,12 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
     from ..models import load_model
 
+    output = _output(args, args.model, args.adapter)
+    cast_config = _read_adapter_config(args.adapter)
     model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
-    _check_adapter_base(args.adapter, model)
+    _check_adapter_base(cast_config, model)
     merged = PeftModel.from_pretrained(model, args.adapter).merge_and_unload()
-    with run_folder(args.output, args.overwrite) as out:
+    with output_folder(args.output, **output) as out:
         merged.save_pretrained(out)
         tokenizer.save_pretrained(out)
     print(f"Merged model written to {args.output}")
@@ -159,13 +163,36 @@ def cmd_merge(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    with run_folder(args.output, args.overwrite) as out:
+    output = _output(args, args.model)
+    with output_folder(args.output, **output) as out:
         run_demo(out, model_name=args.model, quick=args.quick, safety_only=args.safety_only, steps=args.steps, skip_ratio=args.skip_ratio, seed=args.seed,
                  final_dir=Path(args.output))  # fmt: skip
     print(f"\nDemo report: {Path(args.output) / 'report.md'}")
 
 
 # ----------------------------------------------------------------------------------------------------- parser
+def _number(kind: type, low: float, high: float = math.inf, *, high_open: bool = False) -> Callable[[str], Any]:
+    """An argparse ``type=`` that accepts a finite ``kind`` in ``[low, high]`` (``[low, high)`` with ``high_open``)."""
+    span = f"in [{low}, {high})" if high_open else (f">= {low}" if high == math.inf else f"in [{low}, {high}]")
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__} {span}, got {text!r}") from None
+        inside = value < high if high_open else value <= high
+        if not (math.isfinite(value) and value >= low and inside):
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__} {span}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+_COUNT = _number(int, 1)  # --steps, --r, --batch-size, ...: 0 or -1 would silently mean something else
+_RATIO = _number(float, 0.0, 1.0, high_open=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cast-peft",
@@ -178,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         p.set_defaults(func=func)
         p.add_argument("--output", required=True, help="output folder (refused if it exists, unless --overwrite)")
-        p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+        p.add_argument(
+            "--overwrite", action="store_true", help="replace an existing output folder that cast-peft wrote"
+        )
         p.add_argument("--seed", type=int, default=0)
         return p
 
@@ -186,14 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", default=DEFAULT_MODEL,
                        help=f"local folder, hub id (needs the hub) or {DEFAULT_MODEL!r} (embedded, offline; default)")  # fmt: skip
         p.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes NF4 base (QLoRA)")
-        p.add_argument("--batch-size", type=int, default=8)
-        p.add_argument("--max-length", type=int, default=256)
+        p.add_argument("--batch-size", type=_COUNT, default=8)
+        p.add_argument("--max-length", type=_COUNT, default=256)
 
     p = command("diagnose", cmd_diagnose, "Compute the head conflict map (OC, FS, score), save it and plot it.")
     model_args(p)
     p.add_argument("--safety", default="starter", help="harmful prompt -> refusal pairs (file or 'starter')")
     p.add_argument("--utility", default="starter", help="benign prompt -> helpful answer pairs (file or 'starter')")
-    p.add_argument("--n-calibration", type=int, default=None, help="examples per objective (default: all)")
+    p.add_argument("--n-calibration", type=_COUNT, default=None, help="examples per objective (default: all)")
     p.add_argument("--sensitivity", choices=("taylor", "ablation"), default="taylor")
     p.add_argument(
         "--kv-scoring",
@@ -201,20 +230,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="score k/v inside each query head ('shared') or per KV head ('separate'); default: library's",
     )
-    p.add_argument("--skip-ratio", type=float, default=0.1, help="fraction of heads marked/listed as skipped")
+    p.add_argument("--skip-ratio", type=_RATIO, default=0.1, help="fraction of heads marked/listed as skipped")
 
     p = command("train", cmd_train, "Safety SFT with a CAST adapter (--conflict-map) or plain LoRA (baseline).")
     model_args(p)
     p.add_argument("--data", default="starter", help="harmful prompt -> refusal pairs (file or 'starter')")
     p.add_argument("--mix-utility", default=None, help="also train on these helpful pairs (file or 'starter')")
     p.add_argument("--conflict-map", default=None, help="map folder from `cast-peft diagnose` (omit: plain LoRA)")
-    p.add_argument("--skip-ratio", type=float, default=0.1)
+    p.add_argument("--skip-ratio", type=_RATIO, default=0.1)
     p.add_argument("--policy", choices=("score", "oc", "fs", "random"), default="score")
-    p.add_argument("--r", type=int, default=8)
-    p.add_argument("--lora-alpha", type=int, default=16)
-    p.add_argument("--lora-dropout", type=float, default=0.0)
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--r", type=_COUNT, default=8)
+    p.add_argument("--lora-alpha", type=_COUNT, default=16)
+    p.add_argument("--lora-dropout", type=_RATIO, default=0.0)
+    p.add_argument("--steps", type=_COUNT, default=60)
+    p.add_argument("--lr", type=_number(float, 1e-12), default=1e-3)
 
     p = command("evaluate", cmd_evaluate, "Refusal on harmful prompts, over-refusal on safe ones, utility metrics.")
     model_args(p)
@@ -222,8 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--harmful", default="starter", help="harmful prompts (file with a 'prompt' column or 'starter')")
     p.add_argument("--safe", default="starter", help="safe prompts (file with a 'prompt' column or 'starter')")
     p.add_argument("--helpful", default="starter", help="prompt -> reference answer pairs for the helpfulness NLL")
-    p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--limit", type=_COUNT, default=None, help="examples per set (default: all)")
+    p.add_argument("--max-new-tokens", type=_COUNT, default=48)
 
     p = command(
         "merge", cmd_merge, "Merge an adapter into its base for deployment (skipped heads stay bit-identical)."
@@ -235,9 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("demo", cmd_demo, "End to end on the embedded model: diagnose, train CAST and LoRA, evaluate, report.")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model to align (default: the embedded SmolLM2)")
     p.add_argument("--quick", action="store_true", help="a few steps and prompts (smoke test, minutes)")
-    p.add_argument("--steps", type=int, default=None, help="training steps per adapter (default 30; --quick: 3)")
+    p.add_argument("--steps", type=_COUNT, default=None, help="training steps per adapter (default 30; --quick: 3)")
     p.add_argument("--safety-only", action="store_true", help="train on harmful -> refusal pairs only (harsh case)")
-    p.add_argument("--skip-ratio", type=float, default=0.1)
+    p.add_argument("--skip-ratio", type=_RATIO, default=0.1)
     return parser
 
 
@@ -245,8 +274,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, RuntimeError, FileNotFoundError) as err:
+    # Our errors say what to do: one line, no traceback. Plain ValueError/RuntimeError are still caught because some
+    # library checks (and peft/transformers) raise them with a user-facing message.
+    except (CastError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # permissions, full disk, a vanished path: name the path and what to check
+        if err.strerror is None:  # raised with a message of its own
+            print(f"error: {err}", file=sys.stderr)
+        else:
+            where = f" ({err.filename})" if err.filename else ""
+            print(f"error: {err.strerror}{where}; check that the path exists, is writable and has space.",
+                  file=sys.stderr)  # fmt: skip
         return 2
     return 0
 

@@ -17,7 +17,6 @@ head h's KV head into θ_h; ``"separate"`` scores q+o per query head and k+v per
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import numbers
@@ -30,7 +29,7 @@ from typing import Any
 import torch
 
 from .._core.errors import CastWarning, ConfigError, ConflictMapError
-from .._core.io import atomic_write, atomic_write_text
+from .._core.io import output_folder, pause_point, sha256_file
 from ..geometry import ROLES, AttentionGeometry, HeadCounts
 
 
@@ -381,32 +380,32 @@ class ConflictMap:
         return {name: t.detach().clone().contiguous() for name, t in out.items()}
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``conflict_map.safetensors`` and ``conflict_map.json`` into ``directory`` (each atomically).
+        """Write ``conflict_map.safetensors`` and ``conflict_map.json`` into ``directory``, all or nothing.
 
-        The JSON, written last, records the sha256 of the tensor file: an interrupted save or a mixed pair of
-        files is detected on load.
+        The files are written into a folder beside ``directory`` that is then swapped in, so an interrupted save
+        leaves the previous map whole. An existing ``directory`` is replaced only if it holds a map (and nothing
+        else); the JSON records the sha256 of the tensor file, so a mixed pair of files is detected on load.
         """
         from safetensors.torch import save_file
 
-        directory = Path(directory)
-        if directory.is_file():
-            raise ConflictMapError(f"{directory} is a file; pass a directory to save the conflict map in.")
-        directory.mkdir(parents=True, exist_ok=True)
         tensors = self.tensors()
-        atomic_write(directory / TENSORS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
-        meta = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "counts": self.counts.to_dict(),
-            "kv_scoring": self.kv_scoring,
-            "combine": self.combine,
-            "normalization": self.normalization,
-            "tensors_sha256": _sha256(directory / TENSORS_FILE),
-            "extras": sorted(self.extras),
-            "metadata": self.metadata,
-        }
-        atomic_write_text(directory / META_FILE, json.dumps(meta, indent=2, sort_keys=True, default=str))
-        return directory
+        with output_folder(directory, command="ConflictMap.save", overwrite=True,
+                           replaceable=(TENSORS_FILE, META_FILE)) as tmp:  # fmt: skip
+            save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": FORMAT})
+            pause_point("map-between-files")
+            meta = {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "counts": self.counts.to_dict(),
+                "kv_scoring": self.kv_scoring,
+                "combine": self.combine,
+                "normalization": self.normalization,
+                "tensors_sha256": sha256_file(tmp / TENSORS_FILE),
+                "extras": sorted(self.extras),
+                "metadata": self.metadata,
+            }
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str), encoding="utf-8")
+        return Path(directory)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> ConflictMap:
@@ -441,7 +440,7 @@ class ConflictMap:
             )
         if not tensor_path.is_file():
             raise ConflictMapError(f"{directory} lacks {TENSORS_FILE}: the map is incomplete. Save it again.")
-        if _sha256(tensor_path) != meta.get("tensors_sha256"):
+        if sha256_file(tensor_path) != meta.get("tensors_sha256"):
             raise ConflictMapError(
                 f"{tensor_path} does not match {META_FILE} (checksum differs): the files are "
                 "corrupt or from different saves. Save the map again."
@@ -466,11 +465,3 @@ class ConflictMap:
             raise ConflictMapError(
                 f"{directory} holds an unreadable conflict map ({type(err).__name__}: {err}). Save it again."
             ) from None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -21,14 +21,16 @@ import torch
 from peft import LoraConfig
 from torch import nn
 
-from .._core.errors import CastWarning, ConfigError
-from .._core.io import atomic_write_text
+from .._core.errors import AdapterError, CastWarning, ConfigError
+from .._core.io import atomic_write_text, pause_point, sha256_file
 from .._core.peft_compat import bind_cast_configs_on_injection, load_cast_configs_from_cast_folders
 from ..geometry import AttentionGeometry, HeadCounts, Role, frozen_units, is_conv1d
 
 
 CAST_CONFIG_NAME = "cast_config.json"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"  # peft.utils.SAFETENSORS_WEIGHTS_NAME (peft 0.21.2)
+_WEIGHTS_HASH_KEY = "adapter_weights_sha256"
 _CAST_FIELDS = ("skip_heads", "skip_kv_heads", "kv_head_policy", "attention_geometry", "source_map")
 # The inits that keep B = 0 and the base weight as it is; every other one (PiSSA, OLoRA, LoftQ, ...) writes a
 # non-zero B or rewrites the base weight, so frozen heads would change.
@@ -362,10 +364,15 @@ class CASTLoraConfig(LoraConfig):
 
     # --------------------------------------------------------------------------------------------- save / load
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-        """Write a plain-LoRA ``adapter_config.json`` and CAST's settings to ``cast_config.json`` (both atomically)."""
+        """Write a plain-LoRA ``adapter_config.json`` and CAST's settings to ``cast_config.json`` (both atomically).
+
+        peft's ``PeftModel.save_pretrained`` writes the weights first and this config last (peft 0.21.2), so the
+        sha256 of ``adapter_model.safetensors`` is recorded here when the file exists: a folder whose weights and
+        ``cast_config.json`` come from different saves (an interrupted re-save) is then refused on load.
+        """
         save_directory = Path(save_directory)
         if save_directory.is_file():
-            raise ValueError(f"{save_directory} is a file; pass a directory to save the adapter config in.")
+            raise AdapterError(f"{save_directory} is a file; pass a directory to save the adapter config in.")
         save_directory.mkdir(parents=True, exist_ok=True)
         lora_dict = self.to_dict()
         cast_dict = {name: lora_dict.pop(name) for name in _CAST_FIELDS}
@@ -376,6 +383,10 @@ class CASTLoraConfig(LoraConfig):
         from .._core import __version__
 
         cast_dict["cast_peft_version"] = __version__
+        weights = save_directory / ADAPTER_WEIGHTS_NAME
+        if weights.is_file():
+            cast_dict[_WEIGHTS_HASH_KEY] = sha256_file(weights)
+        pause_point("adapter-config")
         atomic_write_text(save_directory / ADAPTER_CONFIG_NAME, json.dumps(lora_dict, indent=2, sort_keys=True))
         atomic_write_text(save_directory / CAST_CONFIG_NAME, json.dumps(cast_dict, indent=2, sort_keys=True))
 
@@ -402,6 +413,14 @@ class CASTLoraConfig(LoraConfig):
         except json.JSONDecodeError as err:
             raise ValueError(f"{cast_path} is not valid JSON ({err.msg}); re-save the adapter.") from None
         cast_dict.pop("cast_peft_version", None)
+        recorded = cast_dict.pop(_WEIGHTS_HASH_KEY, None)
+        weights = folder / ADAPTER_WEIGHTS_NAME
+        if recorded is not None and weights.is_file() and sha256_file(weights) != recorded:
+            raise AdapterError(
+                f"{weights} does not match {cast_path} (the sha256 recorded at save time differs): the weights and "
+                "the skip set come from different saves, e.g. a re-save that was interrupted. Save the adapter "
+                "again (peft_model.save_pretrained) or restore a complete copy of the folder."
+            )
         unknown = set(cast_dict) - set(_CAST_FIELDS)
         if unknown:
             raise ValueError(f"{cast_path} has unknown keys {sorted(unknown)}; was it written by a newer cast-peft?")
