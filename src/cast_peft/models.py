@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from ._core.errors import ModelLoadError
+from ._core.io import sha256_file
 
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -82,7 +83,7 @@ def default_model_path(cache_dir: str | Path | None = None) -> Path:
 
     def build(work: Path) -> dict[str, Any]:
         gguf_path = _locate_gguf(spec, cache_root(cache_dir), scratch=work / "source")
-        sha = _sha256(gguf_path)
+        sha = sha256_file(gguf_path)
         if spec.sha256 is not None and sha != spec.sha256:
             raise DefaultModelUnavailableError(
                 f"{gguf_path} has sha256 {sha}, expected {spec.sha256} ({spec.dist}=={spec.version}). "
@@ -109,7 +110,7 @@ def gguf_model_path(gguf_path: str | Path, cache_dir: str | Path | None = None) 
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", gguf_path.stem)[:80]
 
     def build(work: Path) -> dict[str, Any]:
-        sha = _sha256(gguf_path)
+        sha = sha256_file(gguf_path)
         try:
             _convert_gguf(gguf_path, work / "model", {})
         except ImportError:
@@ -445,14 +446,6 @@ def model_identity(model: Any) -> dict[str, Any]:
         "config_sha256": digest,
         "revision": getattr(config, "_commit_hash", None),
     }
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _version(dist: str) -> str | None:

@@ -14,9 +14,25 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import Any
 
 from .._core.io import atomic_write
-from ..models import _SMOLLM2, DefaultModelUnavailableError, cache_root, default_model_available, fetch_command
+from ..models import (
+    _SMOLLM2,
+    DEFAULT_MODEL,
+    DefaultModelUnavailableError,
+    cache_root,
+    default_model_available,
+    fetch_command,
+    load_model,
+)
+
+
+def load_cli_model(name: str | None, **kwargs: Any) -> tuple[Any, Any]:
+    """``load_model`` for the command line: the embedded default is fetched first when it is not on the machine."""
+    if name is None or str(name) == DEFAULT_MODEL:
+        ensure_default_model(kwargs.get("cache_dir"))
+    return load_model(name, **kwargs)
 
 
 def ensure_default_model(cache_dir: str | Path | None = None) -> None:

@@ -27,9 +27,9 @@ def run_demo(out: Path, *, model_name: str | None = None, quick: bool = False, s
     from ..data import starter_set
     from ..diagnosis.run import diagnose
     from ..evaluation.suite import evaluate_model, summary_row
-    from ..models import load_model
     from ..training import train_adapter
     from ..tuner.config import CASTLoraConfig, matching_lora_config
+    from .default_model import load_cli_model as load_model
 
     started = time.time()
     steps = steps or (3 if quick else 30)
@@ -166,7 +166,7 @@ def _report(rows: dict[str, dict[str, float]], payload: dict[str, Any], cmap: An
         "",
         "## Verdict",
         "",
-        verdict + " The multi-seed study is `benchmarks/tradeoff.py`.",
+        verdict + " The multi-seed trade-off study is in the README's 'Does it work?' section.",
         "",
         "## Files",
         "",

@@ -31,12 +31,15 @@ def _output(args: argparse.Namespace, *inputs: str | None) -> dict[str, Any]:
     return {"command": f"cast-peft {args.command}", **output}
 
 
-def load_examples(source: str, kind: str, split: str, limit: int | None = None) -> list[dict]:
-    """``starter`` (the built-in set of ``kind``) or a JSONL/CSV/JSON file / hub dataset of prompt-response pairs."""
-    from ..data import load_pairs, starter_set
+def load_examples(source: str, kind: str, split: str, limit: int | None = None) -> list[dict | str]:
+    """``starter`` (the built-in set of ``kind``) or a JSONL/CSV/JSON file / hub dataset in any example form
+    ``diagnose`` and ``train_adapter`` accept (prompt/response, prompt/completion, messages, text)."""
+    from .. import data
 
-    rows = starter_set(kind, split) if source == "starter" else load_pairs(source)
-    return rows[:limit] if limit else rows
+    if source == "starter":
+        rows = data.starter_set(kind, split)
+        return rows[:limit] if limit else rows
+    return data.load_examples(source, limit=limit)
 
 
 def load_prompts(source: str, kind: str, split: str, limit: int | None = None) -> list[str]:
@@ -46,10 +49,10 @@ def load_prompts(source: str, kind: str, split: str, limit: int | None = None) -
     return [row["prompt"] for row in rows][:limit] if limit else [row["prompt"] for row in rows]
 
 
-def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
-    from ..models import load_model
+def _load_model(args: argparse.Namespace, **kwargs: Any) -> tuple[Any, Any]:
+    from .default_model import load_cli_model
 
-    return load_model(args.model, load_in_4bit=getattr(args, "load_in_4bit", False))
+    return load_cli_model(args.model, load_in_4bit=getattr(args, "load_in_4bit", False), **kwargs)
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -79,6 +82,7 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from ..conflict_map.map import ConflictMap
     from ..training import train_adapter
+    from ..tuner.checks import describe_frozen
     from ..tuner.config import CASTLoraConfig, matching_lora_config
 
     output = _output(args, args.model, args.data, args.mix_utility, args.conflict_map)
@@ -89,9 +93,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     model, tokenizer = _load_model(args)
     lora_kwargs = dict(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
     if cmap is not None:
-        cmap.check_compatible(model)
+        # get_peft_model refuses a map of another geometry and warns about another checkpoint (CASTLoraConfig.bind).
         config = CASTLoraConfig.from_conflict_map(cmap, skip_ratio=args.skip_ratio, policy=args.policy, seed=args.seed,
                                                   **lora_kwargs)  # fmt: skip
+        describe_frozen(config)  # what exactly stays frozen: q rows, o columns, and k/v only of frozen KV heads
     else:  # plain LoRA on the same targets: the baseline with the same budget
         config = matching_lora_config(model, **lora_kwargs)
     with output_folder(args.output, **output) as out:
@@ -147,11 +152,9 @@ def cmd_merge(args: argparse.Namespace) -> None:
     import torch
     from peft import PeftModel
 
-    from ..models import load_model
-
     output = _output(args, args.model, args.adapter)
     cast_config = _read_adapter_config(args.adapter)
-    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
+    model, tokenizer = _load_model(args, dtype=getattr(torch, args.dtype))
     _check_adapter_base(cast_config, model)
     merged = PeftModel.from_pretrained(model, args.adapter).merge_and_unload()
     with output_folder(args.output, **output) as out:
@@ -213,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", default=DEFAULT_MODEL,
-                       help=f"local folder, hub id (needs the hub) or {DEFAULT_MODEL!r} (embedded, offline; default)")  # fmt: skip
+                       help=f"local folder, .gguf file, hub id (needs the hub) or {DEFAULT_MODEL!r} (embedded, offline; default)")  # fmt: skip
         p.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes NF4 base (QLoRA)")
         p.add_argument("--batch-size", type=_COUNT, default=8)
         p.add_argument("--max-length", type=_COUNT, default=256)
