@@ -18,7 +18,7 @@ from cast_peft.conflict_map import (
     rank01,
     spearman,
 )
-from cast_peft.conflict_map.map import META_FILE, TENSORS_FILE
+from cast_peft.conflict_map.storage import META_FILE, TENSORS_FILE
 from cast_peft.geometry import AttentionGeometry, HeadCounts
 
 

@@ -80,7 +80,7 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from ..conflict_map.map import ConflictMap
+    from ..conflict_map import ConflictMap
     from ..training import train_adapter
     from ..tuner.checks import describe_frozen
     from ..tuner.config import CASTLoraConfig, matching_lora_config

@@ -17,9 +17,7 @@ head h's KV head into θ_h; ``"separate"`` scores q+o per query head and k+v per
 
 from __future__ import annotations
 
-import json
 import math
-import numbers
 import os
 import warnings
 from collections.abc import Mapping
@@ -28,100 +26,22 @@ from typing import Any
 
 import torch
 
-from .._core.errors import CastWarning, ConfigError, ConflictMapError
-from .._core.io import output_folder, pause_point, sha256_file
+from .._core.errors import ConfigError, ConflictMapError
 from ..geometry import ROLES, AttentionGeometry, HeadCounts
-
-
-FORMAT = "cast-peft/conflict-map"
-FORMAT_VERSION = 1
-TENSORS_FILE = "conflict_map.safetensors"
-META_FILE = "conflict_map.json"
-KV_SCORINGS = ("shared", "separate")
-COMBINES = ("product", "sum", "oc", "fs")
-NORMALIZATIONS = ("rank", "minmax")
-POLICIES = ("score", "oc", "fs", "random")
-DEFAULT_SKIP_RATIO = 0.1
-# Defaults picked by benchmarks/map_stability.py (SmolLM2-135M-Instruct, split-half): min-max normalisation keeps the
-# many low-FS heads (whose ranks are noise) near a zero score, so the top of the product (the skip set) is decided by
-# the few clearly sensitive heads and is the most reproducible; scoring k/v per KV head ("separate") gave both a
-# higher score correlation and a higher skip-set overlap than folding the shared k/v rows into every head's θ_h.
-# Caveat (same benchmark): that skip set shares ~2/3 of its heads with the FS-only control; rank normalisation mixes
-# OC and FS evenly but was less stable. The trade-off study (benchmarks/results/tradeoff/reduced) did not single out
-# a better rule: on SmolLM2 the score's skip set beat random skipping only by 1-3 of 80 XSTest prompts (safety-only
-# regime, 3 seeds) and saved 2-6% of LoRA's over-refusal cost; FS-only selection did as well and OC-only no better
-# than random. So these are the most reproducible choice, not a proven better one.
-DEFAULT_KV_SCORING = "separate"
-DEFAULT_COMBINE = "product"
-DEFAULT_NORMALIZATION = "minmax"
-
-
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not one of {allowed}.")
-    return value
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_finite_real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def rank01(x: torch.Tensor) -> torch.Tensor:
-    """Average ranks (ties share their mean rank) scaled to [0, 1]; 0.5 everywhere for a constant input."""
-    flat = x.reshape(-1).double()
-    n = flat.numel()
-    if n == 1:
-        return torch.full_like(x, 0.5, dtype=torch.float64)
-    order = torch.argsort(flat, stable=True)
-    ranks = torch.empty(n, dtype=torch.float64)
-    ranks[order] = torch.arange(n, dtype=torch.float64)
-    sorted_vals = flat[order].tolist()
-    start = 0
-    for i in range(1, n + 1):  # average over runs of equal values
-        if i == n or sorted_vals[i] != sorted_vals[start]:
-            ranks[order[start:i]] = (start + i - 1) / 2
-            start = i
-    return (ranks / (n - 1)).view(x.shape)
-
-
-def normalize(x: torch.Tensor, how: str) -> torch.Tensor:
-    """``"rank"``: average rank in [0, 1]; ``"minmax"``: ``(x − min) / (max − min)`` (1 everywhere if constant)."""
-    if _choice("normalization", how, NORMALIZATIONS) == "rank":
-        return rank01(x)
-    x = x.double()
-    span = x.max() - x.min()
-    return torch.ones_like(x) if span == 0 else (x - x.min()) / span
-
-
-def combine_scores(oc: torch.Tensor, fs: torch.Tensor, combine: str, normalization: str) -> torch.Tensor:
-    """The head score from OC and FS, each normalised over all heads of the model first."""
-    _choice("combine", combine, COMBINES)
-    oc_n, fs_n = normalize(oc, normalization), normalize(fs, normalization)
-    if combine == "product":
-        return oc_n * fs_n
-    if combine == "sum":
-        return (oc_n + fs_n) / 2
-    return oc_n if combine == "oc" else fs_n
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman rank correlation (Pearson correlation of average ranks); NaN if either input is constant."""
-    ra, rb = rank01(a).reshape(-1), rank01(b).reshape(-1)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denom = float(ra.norm() * rb.norm())
-    return float((ra * rb).sum()) / denom if denom > 0 else math.nan
-
-
-def _oc_from(stats: torch.Tensor) -> torch.Tensor:
-    ss, uu, su = stats.unbind(-1)
-    denom = (ss * uu).sqrt()
-    # A block with a zero gradient for either objective has no direction: treat it as orthogonal (OC = 1).
-    cos = torch.where(denom > 0, su / denom.clamp_min(1e-300), torch.zeros_like(su))
-    return 1 - cos.clamp(-1, 1)
+from .scoring import (
+    COMBINES,
+    DEFAULT_COMBINE,
+    DEFAULT_KV_SCORING,
+    DEFAULT_NORMALIZATION,
+    KV_SCORINGS,
+    NORMALIZATIONS,
+    _choice,
+    combine_scores,
+    oc_from,
+    spearman,
+)
+from .selection import DEFAULT_SKIP_RATIO, select_units
+from .storage import read_map, write_map
 
 
 class ConflictMap:
@@ -191,11 +111,11 @@ class ConflictMap:
         s = self.stats
         kv_of = AttentionGeometry(self.counts).kv_heads_of_query_heads()
         if self.kv_scoring == "shared":
-            self.oc = _oc_from(s["q"] + s["o"] + s["k"][:, kv_of] + s["v"][:, kv_of])
+            self.oc = oc_from(s["q"] + s["o"] + s["k"][:, kv_of] + s["v"][:, kv_of])
             self.oc_kv = self.fs_kv = self.score_kv = None
         else:
-            self.oc = _oc_from(s["q"] + s["o"])
-            self.oc_kv = _oc_from(s["k"] + s["v"])
+            self.oc = oc_from(s["q"] + s["o"])
+            self.oc_kv = oc_from(s["k"] + s["v"])
             self.fs_kv = self.fs_kv_signed.abs()
             self.score_kv = combine_scores(self.oc_kv, self.fs_kv, self.combine, self.normalization)
         self.fs = self.fs_signed.abs()
@@ -240,7 +160,7 @@ class ConflictMap:
         ``"score"`` (the highest scores), or the budget-matched controls ``"oc"``, ``"fs"`` (highest of that
         metric alone) and ``"random"`` (uniform, from ``seed``). Ties go to the lower (layer, head) index.
         """
-        return self._select(self.score, self.oc, self.fs, skip_ratio, skip_k, threshold, policy, seed)
+        return select_units(self.score, self.oc, self.fs, skip_ratio, skip_k, threshold, policy, seed)
 
     def select_kv(
         self,
@@ -260,57 +180,7 @@ class ConflictMap:
                 "`cmap.rescore(kv_scoring='separate').select_kv(...)`, or select query heads with "
                 "`select(...)` and let CASTLoraConfig's kv_head_policy decide the KV heads."
             )
-        return self._select(self.score_kv, self.oc_kv, self.fs_kv, skip_ratio, skip_k, threshold, policy, seed)
-
-    @staticmethod
-    def _select(score, oc, fs, skip_ratio, skip_k, threshold, policy, seed) -> dict[int, list[int]]:
-        _choice("policy", policy, POLICIES)
-        given = [
-            name
-            for name, v in (("skip_ratio", skip_ratio), ("skip_k", skip_k), ("threshold", threshold))
-            if v is not None
-        ]
-        if len(given) > 1:
-            raise ConfigError(f"Give one budget, not {given}: skip_ratio, skip_k or threshold.")
-        if not _is_int(seed):
-            raise ConfigError(f"seed={seed!r} must be an integer.")
-        n = score.numel()
-        if skip_k is not None:
-            if not _is_int(skip_k):
-                raise ConfigError(f"skip_k={skip_k!r} must be an integer count of heads (e.g. skip_k=3).")
-            k = int(skip_k)
-        elif threshold is not None:
-            if not _is_finite_real(threshold):
-                raise ConfigError(f"threshold={threshold!r} must be a finite number (a score; scores are in [0, 1]).")
-            k = int((score >= threshold).sum())  # the budget always comes from the score: controls match it
-        else:
-            ratio = DEFAULT_SKIP_RATIO if skip_ratio is None else skip_ratio
-            if not _is_finite_real(ratio) or not 0 <= ratio < 1:
-                raise ConfigError(f"skip_ratio={ratio!r} must be in [0, 1) (a fraction of all heads).")
-            k = int(round(ratio * n))
-        if not 0 <= k < n:
-            raise ConfigError(
-                f"Skipping {k} of {n} heads is not possible: skip at least 0 and fewer than all "
-                f"(lower skip_k / skip_ratio, or raise threshold)."
-            )
-        if policy == "random":
-            chosen = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k]
-        else:
-            values = {"score": score, "oc": oc, "fs": fs}[policy].reshape(-1)
-            if k and bool((values == values[0]).all()):
-                warnings.warn(
-                    f"Every head has the same {policy} ({float(values[0]):.4g}), so there is nothing to rank: the "
-                    f"{k} heads picked are simply the first by index. The map carries no signal; diagnose with more "
-                    "(or other) calibration data.",
-                    CastWarning,
-                    stacklevel=3,
-                )
-            chosen = torch.sort(-values, stable=True).indices[:k]
-        width = score.shape[1]
-        result: dict[int, list[int]] = {}
-        for flat in sorted(int(i) for i in chosen):
-            result.setdefault(flat // width, []).append(flat % width)
-        return result
+        return select_units(self.score_kv, self.oc_kv, self.fs_kv, skip_ratio, skip_k, threshold, policy, seed)
 
     # ------------------------------------------------------------------------------------------ checks, comparison
     def check_compatible(self, model: Any) -> None:
@@ -386,80 +256,23 @@ class ConflictMap:
         leaves the previous map whole. An existing ``directory`` is replaced only if it holds a map (and nothing
         else); the JSON records the sha256 of the tensor file, so a mixed pair of files is detected on load.
         """
-        from safetensors.torch import save_file
-
-        tensors = self.tensors()
-        with output_folder(directory, command="ConflictMap.save", overwrite=True,
-                           replaceable=(TENSORS_FILE, META_FILE)) as tmp:  # fmt: skip
-            save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": FORMAT})
-            pause_point("map-between-files")
-            meta = {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "counts": self.counts.to_dict(),
-                "kv_scoring": self.kv_scoring,
-                "combine": self.combine,
-                "normalization": self.normalization,
-                "tensors_sha256": sha256_file(tmp / TENSORS_FILE),
-                "extras": sorted(self.extras),
-                "metadata": self.metadata,
-            }
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str), encoding="utf-8")
-        return Path(directory)
+        meta = {
+            "counts": self.counts.to_dict(),
+            "kv_scoring": self.kv_scoring,
+            "combine": self.combine,
+            "normalization": self.normalization,
+            "extras": sorted(self.extras),
+            "metadata": self.metadata,
+        }
+        return write_map(directory, self.tensors(), meta)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> ConflictMap:
         """Load a map saved by :meth:`save`; a missing, partial, corrupt or foreign folder is a `ConflictMapError`."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        meta_path, tensor_path = directory / META_FILE, directory / TENSORS_FILE
-        if not directory.is_dir():
-            raise ConflictMapError(f"{directory} is not a folder; pass the folder given to ConflictMap.save().")
-        if not meta_path.is_file():
-            hint = " (the tensors are there: the save was interrupted)" if tensor_path.exists() else ""
-            raise ConflictMapError(
-                f"{directory} has no {META_FILE}{hint}; it is not a saved conflict map. Diagnose again and save it."
-            )
+        stored = read_map(directory)
         try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ConflictMapError(
-                f"{meta_path} is not valid JSON ({err}); the file is corrupt. Save the map again."
-            ) from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise ConflictMapError(
-                f"{meta_path} is not a cast-peft conflict map (format "
-                f"{meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r})."
-            )
-        if meta.get("format_version", 0) > FORMAT_VERSION:
-            raise ConflictMapError(
-                f"{directory} was written by a newer cast-peft (format version "
-                f"{meta['format_version']} > {FORMAT_VERSION}); upgrade cast-peft."
-            )
-        if not tensor_path.is_file():
-            raise ConflictMapError(f"{directory} lacks {TENSORS_FILE}: the map is incomplete. Save it again.")
-        if sha256_file(tensor_path) != meta.get("tensors_sha256"):
-            raise ConflictMapError(
-                f"{tensor_path} does not match {META_FILE} (checksum differs): the files are "
-                "corrupt or from different saves. Save the map again."
-            )
-        try:
-            tensors = load_file(str(tensor_path))
-            counts = HeadCounts.from_dict(meta["counts"])
-            return cls(
-                counts,
-                {role: tensors[f"stats_{role}"] for role in ROLES},
-                tensors["fs_signed"],
-                fs_kv_signed=tensors.get("fs_kv_signed"),
-                kv_scoring=meta["kv_scoring"],
-                combine=meta["combine"],
-                normalization=meta["normalization"],
-                metadata=meta.get("metadata", {}),
-                extras={name: tensors[f"extra.{name}"] for name in meta.get("extras", [])},
-            )
-        except (SafetensorError, KeyError, ValueError, TypeError) as err:
+            return cls(stored.pop("counts"), stored.pop("stats"), stored.pop("fs_signed"), **stored)
+        except (ValueError, TypeError) as err:
             if isinstance(err, ConflictMapError):
                 raise
             raise ConflictMapError(

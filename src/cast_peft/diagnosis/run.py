@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from .._core.errors import DiagnosisError
-from ..conflict_map.map import (
+from ..conflict_map import (
     COMBINES,
     DEFAULT_COMBINE,
     DEFAULT_KV_SCORING,

@@ -39,5 +39,11 @@ def dispatch_cast(target: nn.Module, adapter_name: str, config: Any, **kwargs: A
 
 
 def custom_module_mapping() -> dict[type, Any]:
-    """The ``_register_custom_module`` mapping. bitsandbytes layers subclass nn.Linear, so one callable serves all."""
+    """The ``_register_custom_module`` mapping. bitsandbytes layers subclass nn.Linear, so one callable serves all.
+
+    peft documents the values as layer classes; peft 0.19-0.21.2 calls each as ``value(target, adapter_name,
+    config=config, **kwargs)`` and falls through to its own dispatchers when it returns ``None``
+    (``LoraModel._create_new_module``), so a function serves, and returns plain LoRA for non-attention modules. Pinned
+    by ``tests/test_tuner.py::test_mlp_targets_get_plain_lora_and_attention_stays_masked``.
+    """
     return {nn.Linear: dispatch_cast, Conv1D: dispatch_cast}
