@@ -71,8 +71,7 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
     model, tokenizer = _load_model(args)
     with output_folder(args.output, **output) as out:
         cmap = diagnose(model, tokenizer, safety, utility, batch_size=args.batch_size, max_length=args.max_length,
-                        sensitivity=args.sensitivity, seed=args.seed,
-                        **({"kv_scoring": args.kv_scoring} if args.kv_scoring else {}))  # fmt: skip
+                        sensitivity=args.sensitivity, kv_scoring=args.kv_scoring, seed=args.seed)  # fmt: skip
         cmap.save(out / "map")
         cmap.plot(out / "conflict_map.png", skip_ratio=args.skip_ratio)
         _write_json(out / "skip_heads.json", cmap.select(skip_ratio=args.skip_ratio))
@@ -197,6 +196,10 @@ _RATIO = _number(float, 0.0, 1.0, high_open=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Choices and defaults come from the library, so the CLI cannot drift from it.
+    from ..conflict_map import DEFAULT_KV_SCORING, DEFAULT_SKIP_RATIO, KV_SCORINGS, POLICIES
+    from ..diagnosis import SENSITIVITIES
+
     parser = argparse.ArgumentParser(
         prog="cast-peft",
         description="CAST: diagnose safety/utility conflicts per attention head, then align with a LoRA adapter that "
@@ -226,22 +229,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--safety", default="starter", help="harmful prompt -> refusal pairs (file or 'starter')")
     p.add_argument("--utility", default="starter", help="benign prompt -> helpful answer pairs (file or 'starter')")
     p.add_argument("--n-calibration", type=_COUNT, default=None, help="examples per objective (default: all)")
-    p.add_argument("--sensitivity", choices=("taylor", "ablation"), default="taylor")
+    p.add_argument("--sensitivity", choices=SENSITIVITIES, default=SENSITIVITIES[0])
     p.add_argument(
         "--kv-scoring",
-        choices=("shared", "separate"),
-        default=None,
-        help="score k/v inside each query head ('shared') or per KV head ('separate'); default: library's",
+        choices=KV_SCORINGS,
+        default=DEFAULT_KV_SCORING,
+        help="score k/v inside each query head ('shared') or per KV head ('separate')",
     )
-    p.add_argument("--skip-ratio", type=_RATIO, default=0.1, help="fraction of heads marked/listed as skipped")
+    p.add_argument("--skip-ratio", type=_RATIO, default=DEFAULT_SKIP_RATIO, help="fraction of heads listed as skipped")
 
     p = command("train", cmd_train, "Safety SFT with a CAST adapter (--conflict-map) or plain LoRA (baseline).")
     model_args(p)
     p.add_argument("--data", default="starter", help="harmful prompt -> refusal pairs (file or 'starter')")
     p.add_argument("--mix-utility", default=None, help="also train on these helpful pairs (file or 'starter')")
     p.add_argument("--conflict-map", default=None, help="map folder from `cast-peft diagnose` (omit: plain LoRA)")
-    p.add_argument("--skip-ratio", type=_RATIO, default=0.1)
-    p.add_argument("--policy", choices=("score", "oc", "fs", "random"), default="score")
+    p.add_argument("--skip-ratio", type=_RATIO, default=DEFAULT_SKIP_RATIO, help="fraction of heads to skip")
+    p.add_argument("--policy", choices=POLICIES, default=POLICIES[0], help="score, or a budget-matched control")
     p.add_argument("--r", type=_COUNT, default=8)
     p.add_argument("--lora-alpha", type=_COUNT, default=16)
     p.add_argument("--lora-dropout", type=_RATIO, default=0.0)
@@ -269,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a few steps and prompts (smoke test, minutes)")
     p.add_argument("--steps", type=_COUNT, default=None, help="training steps per adapter (default 30; --quick: 3)")
     p.add_argument("--safety-only", action="store_true", help="train on harmful -> refusal pairs only (harsh case)")
-    p.add_argument("--skip-ratio", type=_RATIO, default=0.1)
+    p.add_argument("--skip-ratio", type=_RATIO, default=DEFAULT_SKIP_RATIO, help="fraction of heads CAST skips")
     return parser
 
 
