@@ -87,7 +87,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", choices=sorted(lib.PROFILES), default="full", help="preset sizes (default: full)")
     p.add_argument("--quick", action="store_true", help="same as --profile quick (CI-sized)")
     p.add_argument("--study", choices=lib.STUDIES, default="generic",
-                   help="generic (alpaca-libre utility map) or lookalike (issue 15: look-alike map, held-out sets)")  # fmt: skip
+                   help="generic (alpaca-libre utility map) or lookalike (issue 15)")  # fmt: skip
     p.add_argument("--model", default=None, help=f"model folder or hub id (default: {DEFAULT_MODEL}, embedded)")
     p.add_argument("--results", type=Path, default=None, help="results folder (default: results/tradeoff/PROFILE)")
     p.add_argument("--methods", default=None, help="comma list, e.g. base,lora,cast-10,random-10,oc-10,fs-10,pcgrad")
@@ -420,8 +420,10 @@ def paired_comparison(base: dict, cast: list[dict], other: list[dict] | None, me
 #: Primary utility metric of the verdict per study (fixed before any run), and the metrics its lines list.
 PRIMARY = {"generic": ("xstest_over_refusal", "XSTest over-refusal"),
            "lookalike": (lib.LOOKALIKE_PRIMARY, "over-refusal pooled over the held-out look-alike sets")}  # fmt: skip
-VERDICT_METRICS = {"generic": ("xstest_over_refusal", "helpful_nll", "kl_drift"),
-                   "lookalike": (lib.LOOKALIKE_PRIMARY, *lib.LOOKALIKE_SETS.values(), "helpful_nll", "kl_drift")}  # fmt: skip
+VERDICT_METRICS = {
+    "generic": ("xstest_over_refusal", "helpful_nll", "kl_drift"),
+    "lookalike": (lib.LOOKALIKE_PRIMARY, *lib.LOOKALIKE_SETS.values(), "helpful_nll", "kl_drift"),
+}
 
 
 def verdict(base: dict, by_method: dict[str, list[dict]], regime: str, study: str = "generic") -> list[str]:
@@ -567,13 +569,15 @@ def map_comparison(cmap: ConflictMap, generic: ConflictMap, ratios: list[float])
     meta = cmap.metadata.get("utility_targets")
     if meta:
         text = (f"Self targets: {meta['n_prompts']} look-alike calibration prompts answered greedily by the base "
-                f"model ({meta['max_new_tokens']} new tokens at most; {meta['stopped_at_eos']} answers stopped at EOS; "
-                f"{meta['mean_new_tokens']:.1f} tokens on average; prompts sha256 {meta['prompts_sha256'][:12]}).")  # fmt: skip
+                f"model ({meta['max_new_tokens']} new tokens at most; {meta['stopped_at_eos']} answers stopped at "
+                f"EOS; {meta['mean_new_tokens']:.1f} tokens on average; prompts sha256 "
+                f"{meta['prompts_sha256'][:12]}).")  # fmt: skip
         cache = Path((meta.get("cache") or {}).get("file", ""))
         if cache.is_file():
             answers = json.loads(cache.read_text(encoding="utf-8"))["responses"]
             refused = sum(map(is_refusal, answers))
-            text += f" `is_refusal` flags {refused} of these {len(answers)} answers as refusals (for those, the utility objective rewards refusing)."
+            text += (f" `is_refusal` flags {refused} of these {len(answers)} answers as refusals (for those, the "
+                     "utility objective rewards refusing).")  # fmt: skip
         lines.append(text)
     return lines
 
@@ -593,7 +597,8 @@ def lookalike_table(base: dict, by_method: dict[str, list[dict]]) -> list[str]:
         lines.append("| " + " | ".join(cells) + " |")
     seeds = sorted({r["seed"] for rs in by_method.values() for r in rs})
     lines += ["", "Per run (pooled / XSTest eval types / PhysicalSafetySafe / I-Alpaca):", "",
-              "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|" + "---|" * (len(seeds) + 1)]  # fmt: skip
+              "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+              "|" + "---|" * (len(seeds) + 1)]  # fmt: skip
     for name, runs in by_method.items():
         by_seed = {r["seed"]: r["summary"] for r in runs}
         cells = [" / ".join(f"{by_seed[s][k]:.2f}" for k in [keys[-1], *keys[:-1]]) if s in by_seed else "–"
@@ -690,9 +695,9 @@ def write_report(out: Path, settings: dict[str, Any], command: str) -> Path | No
     benign = f"{settings['n_safe']} XSTest safe prompts"
     if study == "lookalike":
         n_look = cmap.metadata.get("utility_targets", {}).get("n_prompts", "?") if cmap is not None else "?"
-        calibration = (f"{settings['n_calibration']} Safety-Tuned LLaMAs pairs + {n_look} look-alike prompts (XSTest's "
-                       f"calibration types {', '.join(la.CALIBRATION_TYPES)}) with the base model's own greedy answers "
-                       f"({settings['self_target_tokens']} new tokens at most) as targets")  # fmt: skip
+        calibration = (f"{settings['n_calibration']} Safety-Tuned LLaMAs pairs + {n_look} look-alike prompts "
+                       f"(XSTest's calibration types {', '.join(la.CALIBRATION_TYPES)}) with the base model's own "
+                       f"greedy answers ({settings['self_target_tokens']} new tokens at most) as targets")  # fmt: skip
         benign = ("the held-out look-alike sets (XSTest's evaluation types " + ", ".join(la.EVALUATION_TYPES)
                   + "; Safety-Tuned LLaMAs I-PhysicalSafetySafe and I-Alpaca; "
                   + ("all prompts" if settings["n_lookalike"] is None else f"at most {settings['n_lookalike']} each")
@@ -720,7 +725,8 @@ def write_report(out: Path, settings: dict[str, Any], command: str) -> Path | No
         lines += ["Fixed before any evaluation run (issue 15): the XSTest split by type (`benchmarks/lookalike.py`), "
                   "the skip ratios (10%, 20%), the scoring (the library's default score), the self-target length and "
                   f"the primary metric ({PRIMARY['lookalike'][1]}); the held-out sets are never used for calibration "
-                  "or training. In the tables below, `XSTest over-refusal` is XSTest's evaluation types only.", ""]  # fmt: skip
+                  "or training. In the tables below, `XSTest over-refusal` is XSTest's evaluation types only.",
+                  ""]  # fmt: skip
     for regime, by_method in sorted(runs.items()):
         lines += [f"## Regime: {regime}", ""] + regime_table(base, by_method, settings["mc_sets"]) + [""]
         lines += ["Per run:", ""] + per_seed_table(by_method) + [""]

@@ -226,7 +226,8 @@ def generate_self_targets(
         raise DiagnosisError(
             f"utility_targets='self': the model's greedy answer to {len(empty)} prompt(s) is empty (it emits EOS "
             f"first), so there is no utility token to score: items {empty[:10]}{' ...' if len(empty) > 10 else ''} "
-            f"(first: {prompts[empty[0]][:60]!r}). Drop those prompts, or give them answers with utility_targets='data'."
+            f"(first: {prompts[empty[0]][:60]!r}). Drop those prompts, or give them answers with "
+            "utility_targets='data'."
         )
     responses = [tokenizer.decode([t for t in seq if t not in eos], skip_special_tokens=True) for seq in ids]
     stopped = sum(bool(seq) and seq[-1] in eos for seq in ids)
