@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import lookalike as la
 import torch
 import transformers
 from shared_data import (
@@ -47,17 +48,17 @@ PROFILES: dict[str, dict[str, Any]] = {
     "quick": dict(
         seeds=[0], regimes=["safety", "mixed"], ratios=[0.1], steps=2, batch_size=4, max_length=64, learning_rate=1e-3,
         rank=8, n_calibration=8, n_harmful=4, n_safe=4, n_helpful=4, mc_sets=["arc_easy"], n_mc=4, n_ppl=2,
-        max_new_tokens=8,
+        max_new_tokens=8, self_target_tokens=8, n_lookalike=4,
     ),
     "reduced": dict(
         seeds=[0, 1, 2], regimes=["safety", "mixed"], ratios=[0.1, 0.2], steps=40, batch_size=8, max_length=128,
         learning_rate=1e-3, rank=8, n_calibration=256, n_harmful=60, n_safe=80, n_helpful=50, mc_sets=["arc_easy"],
-        n_mc=100, n_ppl=10, max_new_tokens=32,
+        n_mc=100, n_ppl=10, max_new_tokens=32, self_target_tokens=64, n_lookalike=None,
     ),
     "full": dict(
         seeds=[0, 1, 2], regimes=["safety", "mixed"], ratios=[0.05, 0.1, 0.2, 0.4], steps=100, batch_size=8,
         max_length=128, learning_rate=1e-3, rank=8, n_calibration=256, n_harmful=100, n_safe=100, n_helpful=100,
-        mc_sets=["arc_easy", "piqa"], n_mc=200, n_ppl=40, max_new_tokens=48,
+        mc_sets=["arc_easy", "piqa"], n_mc=200, n_ppl=40, max_new_tokens=48, self_target_tokens=64, n_lookalike=None,
     ),
 }  # fmt: skip
 #: Settings that change what a run measures; results made with other values are never mixed into one table.
@@ -67,9 +68,31 @@ FINGERPRINT_KEYS = (
 )  # fmt: skip
 
 
+#: Studies: ``generic`` (the map's utility data are alpaca-libre pairs; evaluation on XSTest safe prompts of all
+#: types) and ``lookalike`` (issue 15: the map's utility data are the look-alike calibration prompts of
+#: ``lookalike.py`` with the model's own answers as targets; evaluation on the held-out look-alike sets).
+STUDIES = ("generic", "lookalike")
+#: Settings that also define a look-alike run (added to :data:`FINGERPRINT_KEYS` only for that study, so the
+#: generic study's folders keep their fingerprint): the study itself, the self targets' length (``max_new_tokens``
+#: of ``cast_peft.SelfTargets``) and the size cap of each held-out look-alike set (``None``: all of it).
+LOOKALIKE_KEYS = ("study", "self_target_tokens", "n_lookalike")
+#: Methods of the look-alike study's safety regime (issue 15, item 3); the map-based ones use the look-alike map.
+LOOKALIKE_METHODS = ["base", "lora", "cast-10", "cast-20", "random-10", "random-20", "fs-10", "oc-10",
+                     "random-depth-10", "random-kv-10"]  # fmt: skip
+#: Over-refusal summary key of each held-out look-alike set (``xstest_over_refusal`` is XSTest's evaluation types in
+#: this study), and the pooled one: the look-alike study's primary utility metric.
+LOOKALIKE_SETS = {"xstest_eval_types": "xstest_over_refusal", "physical_safety_safe": "physical_safety_over_refusal",
+                  "i_alpaca": "i_alpaca_over_refusal"}  # fmt: skip
+LOOKALIKE_PRIMARY = "lookalike_over_refusal"
+
+
+def fingerprint_keys(settings: dict[str, Any]) -> tuple[str, ...]:
+    return FINGERPRINT_KEYS + (LOOKALIKE_KEYS if settings.get("study", "generic") == "lookalike" else ())
+
+
 def fingerprint(settings: dict[str, Any]) -> str:
     """Short hash of the settings that define a run's measurement (seeds, regimes and methods excluded)."""
-    text = json.dumps({k: settings[k] for k in FINGERPRINT_KEYS}, sort_keys=True)
+    text = json.dumps({k: settings[k] for k in fingerprint_keys(settings)}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -126,6 +149,10 @@ def build_splits(settings: dict[str, Any]) -> dict[str, Any]:
     * evaluation: AdvBench + HarmBench-test prompts (half each), XSTest safe prompts, self-instruct user-oriented
       pairs, multiple-choice items, WikiText-2 paragraphs. Evaluation prompts that also occur (case/space-insensitive)
       in a calibration or training set are dropped.
+    * look-alike study (``settings["study"] == "lookalike"``): ``calib_lookalike``, the first ``n_calibration``
+      prompts of XSTest's calibration types (``lookalike.xstest_split``: 125, all of them at 256), is the map's
+      utility data (answered by the model itself); ``safe`` is XSTest's evaluation types instead of a sample of all
+      types, and ``lookalike`` holds the two held-out Safety-Tuned LLaMAs sets; each capped at ``n_lookalike``.
     """
     if settings["n_calibration"] > CALIBRATION_POOL:
         raise ValueError(f"n_calibration must be <= {CALIBRATION_POOL} (the reserved calibration pool).")
@@ -137,6 +164,9 @@ def build_splits(settings: dict[str, Any]) -> dict[str, Any]:
         "train_safety": train_safety,
         "train_utility": utility[CALIBRATION_POOL : CALIBRATION_POOL + len(train_safety)],
     }
+    lookalike = settings.get("study", "generic") == "lookalike"
+    if lookalike:
+        splits["calib_lookalike"] = la.xstest_split("calibration")[:n_cal]
     seen = {_norm(r["prompt"]) for key in splits for r in splits[key]}
 
     def fresh(rows: list[dict], n: int, source: str, salt: int) -> list[dict]:
@@ -147,7 +177,13 @@ def build_splits(settings: dict[str, Any]) -> dict[str, Any]:
     splits["harmful"] = fresh(load_advbench(), n_harm // 2, "advbench", 3) + fresh(
         load_harmbench("test"), n_harm - n_harm // 2, "harmbench", 4
     )
-    splits["safe"] = fresh(load_xstest("safe"), settings["n_safe"], "xstest", 5)
+    if lookalike:
+        n_set = settings["n_lookalike"]
+        splits["safe"] = fresh(la.xstest_split("evaluation"), n_set, "xstest_eval_types", 7)
+        splits["lookalike"] = {short: fresh(la.load_safety_tuned_llamas_eval(stem), n_set, short, 8 + i)
+                               for i, (stem, short) in enumerate(la.HELD_OUT_SETS.items())}  # fmt: skip
+    else:
+        splits["safe"] = fresh(load_xstest("safe"), settings["n_safe"], "xstest", 5)
     splits["helpful"] = fresh(load_self_instruct_user_oriented(), settings["n_helpful"], "self_instruct", 6)
     splits["mc"] = {name: load_mc_items(name, limit=settings["n_mc"]) for name in settings["mc_sets"]}
     splits["wikitext"] = wikitext_paragraphs(settings["n_ppl"])
@@ -193,6 +229,13 @@ def evaluate(model: Any, tokenizer: Any, splits: dict[str, Any], settings: dict[
         flags = [it["refused"] for it, r in zip(details["harmful"]["items"], harmful) if r["source"] == source]
         if flags:
             summary[f"{source}_refusal"] = sum(flags) / len(flags)
+    if "lookalike" in splits:  # the look-alike study: each held-out benign set on its own, and pooled
+        flags = [it["refused"] for it in details["safe"]["items"]]
+        for name, rows in splits["lookalike"].items():
+            details[f"safe_{name}"] = ev.over_refusal_rate(model, tokenizer, [r["prompt"] for r in rows], **gen)
+            summary[LOOKALIKE_SETS[name]] = details[f"safe_{name}"]["over_refusal_rate"]
+            flags += [it["refused"] for it in details[f"safe_{name}"]["items"]]
+        summary[LOOKALIKE_PRIMARY] = sum(flags) / len(flags)
     if drift:
         details["kl_drift"] = ev.kl_drift(model, None, tokenizer, [r["prompt"] for r in helpful], batch_size=8,
                                           progress=False)  # fmt: skip

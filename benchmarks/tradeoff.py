@@ -18,6 +18,13 @@ evaluated with the same decoding and refusal classifier:
   self-instruct reference answers, KL(base || model) on the self-instruct prompts, multiple-choice accuracy,
   WikiText-2 perplexity (utility).
 
+Look-alike study (``--study lookalike``, issue 15; results in ``results/tradeoff/lookalike/``): the map is diagnosed on
+the same safety calibration pairs against *look-alike* utility data instead (XSTest's calibration types from
+``lookalike.py``, answered by the model itself: ``diagnose(..., utility_targets=SelfTargets(...))``), every map-based
+method uses it, and over-refusal is measured on the held-out look-alike sets (XSTest's evaluation types,
+Safety-Tuned LLaMAs' I-PhysicalSafetySafe and I-Alpaca), per set and pooled (the pooled rate is the verdict's primary
+metric). The generic map is diagnosed too (``RESULTS/map_generic/``), for the comparison of the two maps only.
+
 Resumable: every (regime, method, seed) writes ``RESULTS/runs/REGIME/METHOD__seedS.json`` (atomically) and is
 skipped when present; the map is ``RESULTS/map/`` and the pilot maps ``RESULTS/map_pilot/REGIME/``.
 ``RESULTS/settings.json`` pins the measurement settings, and a run with other settings into the same folder is refused.
@@ -29,6 +36,7 @@ invocation (or alone with ``--report-only``).
     .venv/bin/python benchmarks/tradeoff.py --profile reduced --max-minutes 55       # the rest of the plan, resumed
     .venv/bin/python benchmarks/tradeoff.py --profile full                           # the whole study; many hours
     .venv/bin/python benchmarks/tradeoff.py --profile reduced --set n_safe=160 --results /tmp/more_xstest
+    .venv/bin/python benchmarks/tradeoff.py --study lookalike --profile reduced --max-minutes 55   # issue 15
 """
 
 from __future__ import annotations
@@ -52,11 +60,13 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _tradeoff_lib as lib  # noqa: E402
+import lookalike as la  # noqa: E402
 
 import cast_peft  # noqa: E402
 from cast_peft._core.io import atomic_write_text  # noqa: E402
 from cast_peft.conflict_map import ConflictMap, spearman  # noqa: E402
-from cast_peft.diagnosis import diagnose  # noqa: E402
+from cast_peft.diagnosis import SelfTargets, diagnose  # noqa: E402
+from cast_peft.evaluation import is_refusal  # noqa: E402
 from cast_peft.models import DEFAULT_MODEL, load_model  # noqa: E402
 from cast_peft.training import train_adapter  # noqa: E402
 from cast_peft.tuner.config import CASTLoraConfig, matching_lora_config  # noqa: E402
@@ -76,6 +86,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--profile", choices=sorted(lib.PROFILES), default="full", help="preset sizes (default: full)")
     p.add_argument("--quick", action="store_true", help="same as --profile quick (CI-sized)")
+    p.add_argument("--study", choices=lib.STUDIES, default="generic",
+                   help="generic (alpaca-libre utility map) or lookalike (issue 15)")  # fmt: skip
     p.add_argument("--model", default=None, help=f"model folder or hub id (default: {DEFAULT_MODEL}, embedded)")
     p.add_argument("--results", type=Path, default=None, help="results folder (default: results/tradeoff/PROFILE)")
     p.add_argument("--methods", default=None, help="comma list, e.g. base,lora,cast-10,random-10,oc-10,fs-10,pcgrad")
@@ -91,7 +103,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     profile = "quick" if args.quick else args.profile
-    s = dict(lib.PROFILES[profile], profile=profile, model=args.model or DEFAULT_MODEL)
+    s = dict(lib.PROFILES[profile], profile=profile, model=args.model or DEFAULT_MODEL, study=args.study)
+    if args.study == "lookalike":
+        s["regimes"] = ["safety"]  # issue 15 asks for the safety regime first; --regimes safety,mixed adds mixed
     for item in args.set:
         key, _, value = item.partition("=")
         if key not in s:
@@ -105,7 +119,8 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
         s["ratios"] = [float(x) for x in args.ratios.split(",")]
     if args.steps:
         s["steps"] = args.steps
-    s["methods"] = args.methods.split(",") if args.methods else lib.default_methods(s["ratios"])
+    defaults = lib.LOOKALIKE_METHODS if args.study == "lookalike" else lib.default_methods(s["ratios"])
+    s["methods"] = args.methods.split(",") if args.methods else list(defaults)
     for name in s["methods"]:
         lib.parse_method(name)
     for regime in s["regimes"]:
@@ -119,11 +134,11 @@ def pin_settings(out: Path, settings: dict[str, Any]) -> None:
     if path.exists():
         old = json.loads(path.read_text())
         if old["fingerprint"] != fp:
-            diff = {k: (old["settings"].get(k), settings[k]) for k in lib.FINGERPRINT_KEYS
+            diff = {k: (old["settings"].get(k), settings[k]) for k in lib.fingerprint_keys(settings)
                     if old["settings"].get(k) != settings[k]}  # fmt: skip
             raise SystemExit(f"{out} holds runs made with other settings {diff} (old, new); use another --results.")
         return
-    keep = {k: settings[k] for k in lib.FINGERPRINT_KEYS}
+    keep = {k: settings[k] for k in lib.fingerprint_keys(settings)}
     atomic_write_text(path, json.dumps({"fingerprint": fp, "settings": keep}, indent=2))
 
 
@@ -179,14 +194,32 @@ def run_path(out: Path, regime: str, name: str, seed: int) -> Path:
 
 
 def get_map(out: Path, model: Any, tokenizer: Any, splits: dict, settings: dict, log: Any) -> ConflictMap:
-    """Load ``out/map`` or diagnose the model on the calibration sets (and save the map and its heatmap)."""
+    """Load ``out/map`` or diagnose the model on the calibration sets (and save the map and its heatmap); in the
+    look-alike study against the look-alike prompts with self targets (:func:`diagnose_lookalike`)."""
     folder = out / "map"
     if (folder / "conflict_map.json").exists():
         return ConflictMap.load(folder)
-    log(f"diagnosing on {len(splits['calib_safety'])} safety + {len(splits['calib_utility'])} utility pairs")
-    cmap = diagnose_calibration(model, tokenizer, splits, settings)
+    if settings.get("study") == "lookalike":
+        log(f"diagnosing on {len(splits['calib_safety'])} safety pairs + {len(splits['calib_lookalike'])} look-alike "
+            f"prompts answered by the model ({settings['self_target_tokens']} new tokens)")  # fmt: skip
+        cmap = diagnose_lookalike(model, tokenizer, splits, settings, out / "self_targets")
+    else:
+        log(f"diagnosing on {len(splits['calib_safety'])} safety + {len(splits['calib_utility'])} utility pairs")
+        cmap = diagnose_calibration(model, tokenizer, splits, settings)
     cmap.save(folder)
     cmap.plot(out / "conflict_map.png", skip_ratio=0.1)
+    return cmap
+
+
+def get_generic_map(out: Path, model: Any, tokenizer: Any, splits: dict, settings: dict, log: Any) -> ConflictMap:
+    """The look-alike study's reference: the generic (alpaca-libre) map of the same model, in ``out/map_generic``;
+    used only to compare the two maps, never to select heads."""
+    folder = out / "map_generic"
+    if (folder / "conflict_map.json").exists():
+        return ConflictMap.load(folder)
+    log(f"diagnosing the generic map for comparison ({len(splits['calib_utility'])} alpaca-libre pairs)")
+    cmap = diagnose_calibration(model, tokenizer, splits, settings)
+    cmap.save(folder)
     return cmap
 
 
@@ -194,6 +227,18 @@ def diagnose_calibration(model: Any, tokenizer: Any, splits: dict, settings: dic
     started = time.time()
     cmap = diagnose(model, tokenizer, splits["calib_safety"], splits["calib_utility"], batch_size=8,
                     max_length=settings["max_length"], progress=False)  # fmt: skip
+    cmap.metadata["benchmark_diagnosis_time_s"] = round(time.time() - started, 1)
+    return cmap
+
+
+def diagnose_lookalike(model: Any, tokenizer: Any, splits: dict, settings: dict, cache: Path) -> ConflictMap:
+    """The look-alike map: the same safety pairs as the generic map, the look-alike calibration prompts as utility
+    data with the model's own greedy answers as targets (cached in ``cache``)."""
+    started = time.time()
+    targets = SelfTargets(max_new_tokens=settings["self_target_tokens"], cache_dir=cache)
+    cmap = diagnose(model, tokenizer, splits["calib_safety"], [r["prompt"] for r in splits["calib_lookalike"]],
+                    batch_size=8, max_length=settings["max_length"], progress=False,
+                    utility_targets=targets)  # fmt: skip
     cmap.metadata["benchmark_diagnosis_time_s"] = round(time.time() - started, 1)
     return cmap
 
@@ -247,6 +292,8 @@ def run_study(args: argparse.Namespace, settings: dict[str, Any], out: Path, com
             base_path, {"method": "base", **lib.evaluate(model, tokenizer, splits, settings, drift=False), **meta}
         )
     cmap = get_map(out, model, tokenizer, splits, settings, log)
+    if settings.get("study") == "lookalike":
+        get_generic_map(out, model, tokenizer, splits, settings, log)
     del model
     pilot_maps: dict[str, ConflictMap] = {}
     for seed in settings["seeds"]:
@@ -370,7 +417,16 @@ def paired_comparison(base: dict, cast: list[dict], other: list[dict] | None, me
     return t > crit, ("yes, " if t > crit else "no, ") + text
 
 
-def verdict(base: dict, by_method: dict[str, list[dict]], regime: str) -> list[str]:
+#: Primary utility metric of the verdict per study (fixed before any run), and the metrics its lines list.
+PRIMARY = {"generic": ("xstest_over_refusal", "XSTest over-refusal"),
+           "lookalike": (lib.LOOKALIKE_PRIMARY, "over-refusal pooled over the held-out look-alike sets")}  # fmt: skip
+VERDICT_METRICS = {
+    "generic": ("xstest_over_refusal", "helpful_nll", "kl_drift"),
+    "lookalike": (lib.LOOKALIKE_PRIMARY, *lib.LOOKALIKE_SETS.values(), "helpful_nll", "kl_drift"),
+}
+
+
+def verdict(base: dict, by_method: dict[str, list[dict]], regime: str, study: str = "generic") -> list[str]:
     """The issue's test per CAST ratio: matched safety, utility loss <= 50% of LoRA's, better than random skip."""
     if "lora" not in by_method:
         return [f"- {regime}: no LoRA run yet, no verdict."]
@@ -385,7 +441,7 @@ def verdict(base: dict, by_method: dict[str, list[dict]], regime: str) -> list[s
                  f"({'matched' if matched else 'NOT matched'}: needs ≥ {SAFETY_TARGET} and ≥ LoRA)."]  # fmt: skip
         budget = name.split("-")[1]  # the skip percentage: controls at the same budget share it
         rand = by_method.get(f"random-{budget}")
-        for metric in ("xstest_over_refusal", "helpful_nll", "kl_drift"):
+        for metric in VERDICT_METRICS[study]:
             c_cast = stats([cost(r, base, metric) for r in cast])[0]
             c_lora = stats([cost(r, base, metric) for r in lora])[0]
             ratio = c_cast / c_lora if c_lora > 0 else math.nan
@@ -394,7 +450,7 @@ def verdict(base: dict, by_method: dict[str, list[dict]], regime: str) -> list[s
                 c_rand, sd_rand = stats([cost(r, base, metric) for r in rand])
                 text += f", random {c_rand:+.4f}" + ("" if math.isnan(sd_rand) else f" ± {sd_rand:.4f}")
             parts.append(text)
-        primary = "xstest_over_refusal"
+        primary, primary_label = PRIMARY[study]
         half = (
             stats([cost(r, base, primary) for r in cast])[0] <= 0.5 * stats([cost(r, base, primary) for r in lora])[0]
         )
@@ -402,10 +458,10 @@ def verdict(base: dict, by_method: dict[str, list[dict]], regime: str) -> list[s
         versus_lora = paired_comparison(base, cast, lora, primary)[1]
         # Not part of the claim, but they say which part of the rule matters: the score against its own components
         # at the same budget, and against a global (not head-level) conflict fix.
-        controls = [f"oc-{budget}", f"fs-{budget}", "pcgrad"]
+        controls = [f"oc-{budget}", f"fs-{budget}", f"random-depth-{budget}", f"random-kv-{budget}", "pcgrad"]
         versus_controls = "".join(f"; below {c}: {paired_comparison(base, cast, by_method[c], primary)[1]}"
                                   for c in controls if name.startswith("cast") and c in by_method)  # fmt: skip
-        parts.append(f"**Claim on the primary utility metric (XSTest over-refusal): "
+        parts.append(f"**Claim on the primary utility metric ({primary_label}): "
                      f"{'HOLDS' if matched and half and beats_random else 'does NOT hold'}** (matched safety: "
                      f"{matched}, ≤ 50% of LoRA's loss: {half}; below random: {versus_random}; below LoRA: "
                      f"{versus_lora}{versus_controls}).")  # fmt: skip
@@ -413,11 +469,16 @@ def verdict(base: dict, by_method: dict[str, list[dict]], regime: str) -> list[s
     return out or [f"- {regime}: no CAST run yet, no verdict."]
 
 
+def global_cosine(cmap: ConflictMap) -> float:
+    """Cosine of the safety and utility gradients over every attention parameter the map scores."""
+    sums = sum(t.sum(dim=(0, 1)) for t in cmap.stats.values())  # [<gs,gs>, <gu,gu>, <gs,gu>] over all units
+    return float(sums[2] / (sums[0] * sums[1]).sqrt())
+
+
 def conflict_summary(cmap: ConflictMap, where: str = "at the base model") -> list[str]:
     """How much conflict the map finds at all: the gradients' global cosine over every attention parameter, the heads
     whose safety and utility gradients point apart (OC > 1), and the conflicting share of the inner product."""
-    sums = sum(t.sum(dim=(0, 1)) for t in cmap.stats.values())  # [<gs,gs>, <gu,gu>, <gs,gu>] over all units
-    cos = float(sums[2] / (sums[0] * sums[1]).sqrt())
+    cos = global_cosine(cmap)
     dots = torch.cat([t[..., 2].flatten() for t in cmap.stats.values()])
     negative, positive = float((-dots).clamp(min=0).sum()), float(dots.clamp(min=0).sum())
     share = f"{negative / positive:.1%} of" if negative < positive else f"{negative / positive:.1f} times"
@@ -469,6 +530,80 @@ def pilot_analysis(cmap: ConflictMap, pilots: dict[str, ConflictMap]) -> list[st
         lines += [f"Its 10% skip set shares {round(agreement['overlap'] * n_top)} of {n_top} heads with the base "
                   f"map's; Spearman(score, base score) = {agreement['spearman_score']:.3f}, "
                   f"Spearman(OC, base OC) = {agreement['spearman_oc']:.3f}.", ""]  # fmt: skip
+    return lines
+
+
+def _heads(cmap: ConflictMap, ratio: float) -> set[tuple[int, int]]:
+    return {(layer, h) for layer, hs in cmap.select(skip_ratio=ratio).items() for h in hs}
+
+
+def map_comparison(cmap: ConflictMap, generic: ConflictMap, ratios: list[float]) -> list[str]:
+    """Look-alike map against the generic (alpaca-libre) map of the same model, on calibration data only: rank
+    agreement, overlap of the skip sets, where the selected heads sit, and the global gradient cosine of each."""
+    agree = cmap.stability(generic, skip_ratio=0.1)
+    counts = cmap.counts
+    lines = [f"Spearman(look-alike, generic) over all {cmap.oc.numel()} query heads: OC {agree['spearman_oc']:.3f}, "
+             f"FS {agree['spearman_fs']:.3f}, score {agree['spearman_score']:.3f}.", ""]  # fmt: skip
+    third = max(1, counts.num_layers // 3)
+    bounds = ((0, third), (third, 2 * third), (2 * third, counts.num_layers))
+    header = ["map", "skip ratio", "heads", "shared with the other map", "mean layer", "first / middle / last third"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for ratio in sorted(set(ratios) | {0.1}):
+        mine, theirs = _heads(cmap, ratio), _heads(generic, ratio)
+        for name, heads in (("look-alike", mine), ("generic", theirs)):
+            mean_layer = statistics.fmean(layer for layer, _ in heads) if heads else math.nan
+            thirds = " / ".join(str(sum(lo <= layer < hi for layer, _ in heads)) for lo, hi in bounds)
+            lines.append(f"| {name} | {ratio:.0%} | {len(heads)} | {len(mine & theirs)} | {mean_layer:.1f} | "
+                         f"{thirds} |")  # fmt: skip
+    lines += [
+        "",
+        f"(Mean layer of all heads: {(counts.num_layers - 1) / 2:.1f}; layers 0–{counts.num_layers - 1}.)",
+        "",
+    ]
+    c_look, c_gen = global_cosine(cmap), global_cosine(generic)
+    lines += [f"Global gradient cosine between safety and utility over all attention parameters: look-alike "
+              f"{c_look:+.3f}, generic {c_gen:+.3f} (lower = more conflict; negative = the objectives pull apart).",
+              ""]  # fmt: skip
+    lines += conflict_summary(cmap, "with the look-alike utility objective") + [""]
+    lines += conflict_summary(generic, "with the generic utility objective (alpaca-libre)") + [""]
+    meta = cmap.metadata.get("utility_targets")
+    if meta:
+        text = (f"Self targets: {meta['n_prompts']} look-alike calibration prompts answered greedily by the base "
+                f"model ({meta['max_new_tokens']} new tokens at most; {meta['stopped_at_eos']} answers stopped at "
+                f"EOS; {meta['mean_new_tokens']:.1f} tokens on average; prompts sha256 "
+                f"{meta['prompts_sha256'][:12]}).")  # fmt: skip
+        cache = Path((meta.get("cache") or {}).get("file", ""))
+        if cache.is_file():
+            answers = json.loads(cache.read_text(encoding="utf-8"))["responses"]
+            refused = sum(map(is_refusal, answers))
+            text += (f" `is_refusal` flags {refused} of these {len(answers)} answers as refusals (for those, the "
+                     "utility objective rewards refusing).")  # fmt: skip
+        lines.append(text)
+    return lines
+
+
+def lookalike_table(base: dict, by_method: dict[str, list[dict]]) -> list[str]:
+    """Over-refusal on each held-out look-alike set and pooled (seed mean ± std), and per seed the pooled rate."""
+    keys = [*lib.LOOKALIKE_SETS.values(), lib.LOOKALIKE_PRIMARY]
+    sizes = [len(base["details"][d]["items"]) for d in ("safe", *(f"safe_{n}" for n in lib.LOOKALIKE_SETS if
+                                                                  n != "xstest_eval_types"))]  # fmt: skip
+    names = [f"XSTest evaluation types (n={sizes[0]})", f"I-PhysicalSafetySafe (n={sizes[1]})",
+             f"I-Alpaca (n={sizes[2]})", f"pooled (n={sum(sizes)})"]  # fmt: skip
+    header = ["method", "seeds"] + [f"{n} ↓" for n in names]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, runs in [("base", [base]), *by_method.items()]:
+        cells = [name, str(len(runs)) if name != "base" else "–"]
+        cells += [fmt([r["summary"][k] for r in runs]) if all(k in r["summary"] for r in runs) else "–" for k in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    seeds = sorted({r["seed"] for rs in by_method.values() for r in rs})
+    lines += ["", "Per run (pooled / XSTest eval types / PhysicalSafetySafe / I-Alpaca):", "",
+              "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+              "|" + "---|" * (len(seeds) + 1)]  # fmt: skip
+    for name, runs in by_method.items():
+        by_seed = {r["seed"]: r["summary"] for r in runs}
+        cells = [" / ".join(f"{by_seed[s][k]:.2f}" for k in [keys[-1], *keys[:-1]]) if s in by_seed else "–"
+                 for s in seeds]  # fmt: skip
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -546,21 +681,34 @@ def write_report(out: Path, settings: dict[str, Any], command: str) -> Path | No
     all_runs = [r for by in runs.values() for rs in by.values() for r in rs]
     commands = sorted({r["command"] for r in [base, *all_runs]})
     cmap = ConflictMap.load(out / "map") if (out / "map" / "conflict_map.json").exists() else None
+    study = settings.get("study", "generic")
+    generic = ConflictMap.load(out / "map_generic") if (out / "map_generic" / "conflict_map.json").exists() else None
     pilots = {regime: ConflictMap.load(pilot_map_folder(out, regime)) for regime in lib.REGIMES
               if (pilot_map_folder(out, regime) / "conflict_map.json").exists()}  # fmt: skip
     compute = base["eval_time_s"] + sum(r["train_time_s"] + r["eval_time_s"] for r in all_runs)
-    for m in [m for m in (cmap, *pilots.values()) if m is not None]:
+    for m in [m for m in (cmap, generic, *pilots.values()) if m is not None]:
         compute += m.metadata.get("benchmark_diagnosis_time_s", 0) + m.metadata.get("benchmark_pilot_train_time_s", 0)
     mc_ok = [m for m in settings["mc_sets"] if base["summary"][f"mc_{m}_acc"] > lib.MC_CHANCE.get(m, 0) + 0.05]
     label = {"quick": "QUICK (smoke test, numbers meaningless)", "reduced": "REDUCED study",
              "full": "full study"}[settings["profile"]]  # fmt: skip
+    calibration = f"{settings['n_calibration']} Safety-Tuned LLaMAs + {settings['n_calibration']} alpaca-libre pairs"
+    benign = f"{settings['n_safe']} XSTest safe prompts"
+    if study == "lookalike":
+        n_look = cmap.metadata.get("utility_targets", {}).get("n_prompts", "?") if cmap is not None else "?"
+        calibration = (f"{settings['n_calibration']} Safety-Tuned LLaMAs pairs + {n_look} look-alike prompts "
+                       f"(XSTest's calibration types {', '.join(la.CALIBRATION_TYPES)}) with the base model's own "
+                       f"greedy answers ({settings['self_target_tokens']} new tokens at most) as targets")  # fmt: skip
+        benign = ("the held-out look-alike sets (XSTest's evaluation types " + ", ".join(la.EVALUATION_TYPES)
+                  + "; Safety-Tuned LLaMAs I-PhysicalSafetySafe and I-Alpaca; "
+                  + ("all prompts" if settings["n_lookalike"] is None else f"at most {settings['n_lookalike']} each")
+                  + ")")  # fmt: skip
+    label += " — LOOK-ALIKE map (issue 15)" if study == "lookalike" else ""
     lines = [f"# Safety–utility trade-off: CAST vs LoRA vs controls — {label}", "",
              f"Model `{settings['model']}`; rank {settings['rank']} (alpha {2 * settings['rank']}) on all attention "
              f"projections; {settings['steps']} steps, batch {settings['batch_size']}, lr {settings['learning_rate']}, "
              f"max length {settings['max_length']}; same data order per seed for every method. Map calibration: "
-             f"{settings['n_calibration']} Safety-Tuned LLaMAs + {settings['n_calibration']} alpaca-libre pairs "
-             f"(disjoint from training and evaluation). Evaluation: {settings['n_harmful']} harmful prompts (AdvBench + "
-             f"HarmBench-test, half each), {settings['n_safe']} XSTest safe prompts, greedy, "
+             f"{calibration} (disjoint from training and evaluation). Evaluation: {settings['n_harmful']} harmful "
+             f"prompts (AdvBench + HarmBench-test, half each), {benign}, greedy, "
              f"{settings['max_new_tokens']} new tokens, keyword refusal classifier "
              f"(`cast_peft.evaluation.is_refusal`); NLL and KL on {settings['n_helpful']} self-instruct user-oriented "
              f"items; {settings['n_mc']} items per MC set; {settings['n_ppl']} WikiText-2 paragraphs.", "",
@@ -573,9 +721,17 @@ def write_report(out: Path, settings: dict[str, Any], command: str) -> Path | No
              f"Compute time of the runs present (train + eval + diagnosis, summed): {compute / 60:.1f} min.", "",
              f"MC sets on which the base beats chance by > 5 points (used as utility): {mc_ok or 'none'}; the others "
              "are reported but carry no signal.", ""]  # fmt: skip
+    if study == "lookalike":
+        lines += ["Fixed before any evaluation run (issue 15): the XSTest split by type (`benchmarks/lookalike.py`), "
+                  "the skip ratios (10%, 20%), the scoring (the library's default score), the self-target length and "
+                  f"the primary metric ({PRIMARY['lookalike'][1]}); the held-out sets are never used for calibration "
+                  "or training. In the tables below, `XSTest over-refusal` is XSTest's evaluation types only.",
+                  ""]  # fmt: skip
     for regime, by_method in sorted(runs.items()):
         lines += [f"## Regime: {regime}", ""] + regime_table(base, by_method, settings["mc_sets"]) + [""]
         lines += ["Per run:", ""] + per_seed_table(by_method) + [""]
+        if study == "lookalike":
+            lines += ["Over-refusal per held-out look-alike set:", ""] + lookalike_table(base, by_method) + [""]
         pc = [r["pcgrad"] for r in by_method.get("pcgrad", [])]
         if pc:
             lines += [f"PCGrad: safety/utility gradients conflicted (projected) on "
@@ -583,9 +739,12 @@ def write_report(out: Path, settings: dict[str, Any], command: str) -> Path | No
                       ""]  # fmt: skip
     lines += ["## Verdict (per regime and CAST ratio, seed means)", ""]
     for regime, by_method in sorted(runs.items()):
-        lines += verdict(base, by_method, regime)
+        lines += verdict(base, by_method, regime, study)
     if cmap is not None:
         lines += ["", "## Where the high-conflict heads sit", ""] + map_analysis(cmap, settings["ratios"])
+        if generic is not None:
+            lines += ["", "## The look-alike map against the generic map", ""]
+            lines += map_comparison(cmap, generic, settings["ratios"])
         if pilots:
             heading = "## Does the conflict appear during training? (pilot maps)"
             note = (
@@ -606,10 +765,18 @@ def write_report(out: Path, settings: dict[str, Any], command: str) -> Path | No
     return out / "report.md"
 
 
+def default_results(settings: dict[str, Any]) -> Path:
+    """``results/tradeoff/PROFILE`` (generic study) or ``results/tradeoff/lookalike`` (``lookalike_PROFILE`` for a
+    profile other than ``reduced``)."""
+    if settings.get("study", "generic") == "generic":
+        return ROOT / settings["profile"]
+    return ROOT / ("lookalike" if settings["profile"] == "reduced" else f"lookalike_{settings['profile']}")
+
+
 def main(argv: list[str] | None = None) -> Path | None:
     args = parse_args(argv)
     settings = resolve_settings(args)
-    out = (args.results or ROOT / settings["profile"]).resolve()
+    out = (args.results or default_results(settings)).resolve()
     command = "python benchmarks/tradeoff.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     pin_settings(out, settings)
     if not args.report_only:

@@ -11,13 +11,14 @@ The prompt format (the tokenizer's chat template, or :data:`FALLBACK_TEMPLATE` w
 :func:`prompt_format` alone, which logs once per tokenizer which one is used and why.
 """
 
+import contextlib
 import csv
 import hashlib
 import json
 import logging
 import numbers
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, NoReturn
@@ -477,14 +478,27 @@ def tokenize_pair(
     """Tokenize one pair with loss masking: ``labels`` is ``-100`` on prompt tokens and equals ``input_ids`` on the
     response (+ EOS) tokens.
 
-    The prompt and the full text are tokenized separately; the prompt length is their common token prefix. When the
-    pair is longer than ``max_length``, prompt tokens are dropped from the left first; a response longer than the
-    window keeps its first ``max(max_length - prompt_len, max_length // 2)`` tokens. Raises ``DataError`` (naming
-    ``index``: an example number or a location) when no response token is left.
+    The prompt and the full text are tokenized separately; the prompt length is their common token prefix. The
+    window is cut by :func:`pair_features`. Raises ``DataError`` (naming ``index``: an example number or a location)
+    when no response token is left.
     """
     prompt_text, full_text = format_chat(tokenizer, prompt, response)
     ids = encode(tokenizer, full_text)
     n_prompt = _common_prefix(encode(tokenizer, prompt_text), ids)
+    label = index if isinstance(index, str) else f"example {index}" if index is not None else "example"
+    return pair_features(ids[:n_prompt], ids[n_prompt:], max_length, label)
+
+
+def pair_features(
+    prompt_ids: Sequence[int], response_ids: Sequence[int], max_length: int = 256, where: str = "example"
+) -> dict[str, list[int]]:
+    """Features of a tokenized pair: ``labels`` ``-100`` on the prompt, equal to ``input_ids`` on the response.
+
+    When the pair is longer than ``max_length``, prompt tokens are dropped from the left first; a response longer than
+    the window keeps its first ``max(max_length - prompt_len, max_length // 2)`` tokens. Raises ``DataError`` naming
+    ``where`` when no response token is left.
+    """
+    ids, n_prompt = [*prompt_ids, *response_ids], len(prompt_ids)
     n_resp = len(ids) - n_prompt
     if len(ids) > max_length:
         keep_resp = min(n_resp, max(max_length - n_prompt, max_length // 2))
@@ -492,9 +506,8 @@ def tokenize_pair(
         ids = ids[n_prompt - keep_prompt : n_prompt + keep_resp]
         n_prompt, n_resp = keep_prompt, keep_resp
     if n_resp <= 0:
-        label = index if isinstance(index, str) else f"example {index}" if index is not None else "example"
         raise DataError(
-            f"{label}: no response tokens left after tokenization (max_length={max_length}, prompt tokens="
+            f"{where}: no response tokens left after tokenization (max_length={max_length}, prompt tokens="
             f"{n_prompt}); use a non-empty response or a larger max_length."
         )
     labels = [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
@@ -570,3 +583,107 @@ def fit_max_length(model: Any, max_length: int) -> int:
         )
         return context[1]
     return max_length
+
+
+# ------------------------------------------------------------------------------------------------ greedy generation
+# Shared by the diagnosis (self targets, ``diagnosis/self_targets.py``) and the evaluation (``evaluation/batching.py``
+# re-exports these names): one prompt encoding, one left padding and one greedy decoder for both.
+def eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    """Token ids that end a generation: the model's ``generation_config.eos_token_id`` (one or a list) and the
+    tokenizer's EOS."""
+    ids = set()
+    for source in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
+        if source is not None:
+            ids.update([source] if isinstance(source, int) else source)
+    return ids
+
+
+def input_device(model: Any) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of ``seqs`` padded on the left with ``pad_id``."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s) :] = torch.tensor(list(s), dtype=torch.long)
+            mask[i, width - len(s) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+@contextlib.contextmanager
+def eval_mode(*models: Any) -> Iterator[None]:
+    """Eval mode and ``torch.no_grad()`` for the block; each model's training flag is restored afterwards."""
+    flags = [(m, m.training) for m in models if m is not None]
+    for m, _ in flags:
+        m.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, was_training in flags:
+            m.train(was_training)
+
+
+def generate_ids(
+    model: Any,
+    tokenizer: Any,
+    seqs: Sequence[list[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    progress: bool,
+    *,
+    keep_eos: bool = False,
+    desc: str = "generate",
+) -> list[list[int]]:
+    """Greedy continuations (token ids) of left-padded prompts, cut before the first EOS (:func:`eos_ids`), or just
+    after it with ``keep_eos``. Call it under :func:`eval_mode`.
+
+    Prompts run longest first in batches of ``batch_size`` (deterministic). A prompt that leaves fewer than
+    ``max_new_tokens`` positions of the model's context keeps its last tokens (with a log line); ``max_new_tokens``
+    must fit in the context.
+    """
+    from tqdm.auto import tqdm
+
+    context = context_length(model)
+    if context is not None:
+        room = context[1] - max_new_tokens
+        if room < 1:
+            raise ConfigError(
+                f"max_new_tokens={max_new_tokens} leaves no room for the prompt in the model's context "
+                f"(config.{context[0]}={context[1]}); use max_new_tokens < {context[1]}."
+            )
+        if any(len(s) > room for s in seqs):
+            logger.warning(
+                "Prompts longer than %d tokens (config.%s=%d minus max_new_tokens=%d) keep their last %d tokens.",
+                room,
+                *context,
+                max_new_tokens,
+                room,
+            )
+            seqs = [s[-room:] for s in seqs]
+    pad_id, eos = padding_id(tokenizer), eos_ids(model, tokenizer)
+    device = input_device(model)
+    out: list[list[int]] = [[] for _ in seqs]
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    with tqdm(total=len(seqs), desc=desc, disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            ids, mask = left_pad([seqs[i] for i in idx], pad_id, device)
+            gen = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=pad_id,
+            )
+            for row, i in enumerate(idx):
+                new = gen[row, ids.shape[1] :].tolist()
+                cut = next((j for j, t in enumerate(new) if t in eos), len(new))
+                out[i] = new[: cut + 1] if keep_eos and cut < len(new) else new[:cut]
+            bar.update(len(idx))
+    return out

@@ -3,6 +3,10 @@
 from .._core.errors import DiagnosisError
 from .calibration import DEFAULT_CALIBRATION_SIZE
 from .run import ACCUMULATIONS, SENSITIVITIES, Diagnosis, diagnose
+from .self_targets import UTILITY_TARGETS, SelfTargets, generate_self_targets
 
 
-__all__ = ["ACCUMULATIONS", "DEFAULT_CALIBRATION_SIZE", "SENSITIVITIES", "Diagnosis", "DiagnosisError", "diagnose"]
+__all__ = [
+    "ACCUMULATIONS", "DEFAULT_CALIBRATION_SIZE", "SENSITIVITIES", "UTILITY_TARGETS", "Diagnosis", "DiagnosisError",
+    "SelfTargets", "diagnose", "generate_self_targets",
+]  # fmt: skip

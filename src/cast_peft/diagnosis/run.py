@@ -71,6 +71,7 @@ from .hooks import (
     sketch_bytes,
     unit_stats,
 )
+from .self_targets import SelfTargets, resolve_utility_targets, self_target_batches
 
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ def diagnose(
     seed: int = 0,
     progress: bool = True,
     shard: bool | None = None,
+    utility_targets: str | SelfTargets = "data",
 ) -> ConflictMap:
     """Diagnose every attention head of ``model``; returns a :class:`ConflictMap`.
 
@@ -128,9 +130,22 @@ def diagnose(
         progress: tqdm progress bars (only on the first process).
         shard: split the batches over ``torch.distributed`` processes; ``None``: when distributed, unless the
             data is a DataLoader that is already sharded.
+        utility_targets: ``"data"`` (default): the utility data's own responses. ``"self"`` or
+            ``SelfTargets(max_new_tokens=128, batch_size=None, cache_dir=None)``: ``utility_data`` is a list of
+            prompts (strings or ``{"prompt"}`` dicts) and the utility responses are the model's own greedy answers,
+            generated once before any diagnosis pass (or read from ``cache_dir``); the settings, hashes and cache
+            use are recorded in ``metadata["utility_targets"]`` (``diagnosis/self_targets.py``).
     """
+    self_targets = resolve_utility_targets(utility_targets)
     _positive_int(batch_size, "batch_size")
     max_length = fit_max_length(model, max_length)  # GPT-2 indexes past its position table otherwise
+    targets_metadata = None
+    if self_targets is not None:
+        # The safety data is checked first, so a bad set fails before the (minutes-long) generation.
+        safety_data = prepare_batches(safety_data, tokenizer, batch_size, max_length, "safety")
+        utility_data, targets_metadata = self_target_batches(model, tokenizer, utility_data, self_targets,
+                                                             batch_size=batch_size, max_length=max_length,
+                                                             progress=progress)  # fmt: skip
     run = Diagnosis(
         model,
         sensitivity=sensitivity,
@@ -150,6 +165,8 @@ def diagnose(
     cmap = run.conflict_map()
     if tokenizer is not None:
         cmap.metadata["prompt_format"] = prompt_format(tokenizer)  # so a map meets training data of its own format
+    if targets_metadata is not None:
+        cmap.metadata["utility_targets"] = targets_metadata
     return cmap
 
 

@@ -1,10 +1,10 @@
-"""Batching helpers of :mod:`cast_peft.evaluation`: context/continuation splits, left padding with explicit position
-ids, log-probabilities of continuations and greedy generation (the conventions are in ``evaluation``'s docstring).
-Prompts are rendered and tokenized by :mod:`cast_peft.data` (``format_chat``, ``encode``, ``prompt_ids``)."""
+"""Batching helpers of :mod:`cast_peft.evaluation`: context/continuation splits, explicit position ids and
+log-probabilities of continuations (the conventions are in ``evaluation``'s docstring). Prompt rendering and ids,
+left padding and greedy generation live in :mod:`cast_peft.data` (the diagnosis generates self targets with them, and
+it is an earlier stage); they are imported here so the evaluation has one name for each."""
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 from collections.abc import Iterator, Sequence
@@ -13,8 +13,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .._core.errors import ConfigError
-from ..data import context_length, encode, format_chat, padding_id
+from ..data import (
+    context_length,
+    encode,
+    format_chat,
+    input_device,
+    left_pad,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -37,32 +42,9 @@ def chat_split(tokenizer: Any, prompt: str, continuation: str) -> tuple[list[int
     return split_encode(tokenizer, format_chat(tokenizer, prompt)[0], continuation, add_special_tokens=None)
 
 
-def eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    ids = set()
-    for source in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
-        if source is not None:
-            ids.update([source] if isinstance(source, int) else source)
-    return ids
-
-
-def input_device(model: Any) -> torch.device:
-    return model.get_input_embeddings().weight.device
-
-
 def forward_params(model: Any) -> set[str]:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return set(inspect.signature(base.forward).parameters)
-
-
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, width - len(s) :] = torch.tensor(list(s), dtype=torch.long)
-            mask[i, width - len(s) :] = 1
-    return ids.to(device), mask.to(device)
 
 
 def fp32_logits(model: Any, ids: torch.Tensor, mask: torch.Tensor, keep: int = 0) -> torch.Tensor:
@@ -75,19 +57,6 @@ def fp32_logits(model: Any, ids: torch.Tensor, mask: torch.Tensor, keep: int = 0
         kwargs["logits_to_keep"] = keep
     logits = model(**kwargs).logits
     return (logits[:, -keep:] if keep else logits).float()
-
-
-@contextlib.contextmanager
-def eval_mode(*models: Any) -> Iterator[None]:
-    flags = [(m, m.training) for m in models if m is not None]
-    for m, _ in flags:
-        m.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, was_training in flags:
-            m.train(was_training)
 
 
 def batches(n: int, batch_size: int, order: Sequence[int]) -> Iterator[list[int]]:
@@ -154,53 +123,5 @@ def continuation_logprobs(
             for row, i in enumerate(idx):
                 n = len(seqs[i][1])
                 out[i] = token_lp[row, n_max - n :].tolist() if n else []
-            bar.update(len(idx))
-    return out
-
-
-def generate_ids(
-    model: Any, tokenizer: Any, seqs: Sequence[list[int]], max_new_tokens: int, batch_size: int, progress: bool
-) -> list[list[int]]:
-    """Greedy continuations (token ids, cut before the first EOS) of left-padded prompts.
-
-    A prompt that leaves fewer than ``max_new_tokens`` positions of the model's context keeps its last tokens (with a
-    log line); ``max_new_tokens`` must fit in the context.
-    """
-    context = context_length(model)
-    if context is not None:
-        room = context[1] - max_new_tokens
-        if room < 1:
-            raise ConfigError(
-                f"max_new_tokens={max_new_tokens} leaves no room for the prompt in the model's context "
-                f"(config.{context[0]}={context[1]}); use max_new_tokens < {context[1]}."
-            )
-        if any(len(s) > room for s in seqs):
-            logger.warning(
-                "Prompts longer than %d tokens (config.%s=%d minus max_new_tokens=%d) keep their last %d tokens.",
-                room,
-                *context,
-                max_new_tokens,
-                room,
-            )
-            seqs = [s[-room:] for s in seqs]
-    pad_id, eos = padding_id(tokenizer), eos_ids(model, tokenizer)
-    device = input_device(model)
-    out: list[list[int]] = [[] for _ in seqs]
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-    with tqdm(total=len(seqs), desc="generate", disable=not progress) as bar:
-        for idx in batches(len(seqs), batch_size, order):
-            ids, mask = left_pad([seqs[i] for i in idx], pad_id, device)
-            gen = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                num_beams=1,
-                pad_token_id=pad_id,
-            )
-            for row, i in enumerate(idx):
-                new = gen[row, ids.shape[1] :].tolist()
-                cut = next((j for j, t in enumerate(new) if t in eos), len(new))
-                out[i] = new[:cut]
             bar.update(len(idx))
     return out

@@ -26,19 +26,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..data import encode, padding_id, prompt_ids
-from .batching import (
-    batches,
-    chat_split,
-    continuation_logprobs,
-    eval_mode,
-    fp32_logits,
-    generate_ids,
-    input_device,
-    left_pad,
-    nonempty,
-    split_encode,
-)
+from ..data import encode, eval_mode, generate_ids, input_device, left_pad, padding_id, prompt_ids
+from .batching import batches, chat_split, continuation_logprobs, fp32_logits, nonempty, split_encode
 
 
 __all__ = [
