@@ -103,3 +103,19 @@ def test_unknown_hub_id_offline_says_what_to_do(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "unreachable" in err and "smollm2-135m-instruct" in err
     assert not (tmp_path / "d").exists()
+
+
+def test_diagnose_with_self_targets_caches_the_answers(tiny_dir, tmp_path):
+    # --utility holds prompts only: the model answers them itself; the second run reuses the cached answers.
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["How do I kill a Python process?", "Hi."]))
+    common = ["diagnose", "--model", str(tiny_dir), "--max-length", "64", "--n-calibration", "4", "--utility",
+              str(prompts), "--utility-targets", "self", "--self-target-tokens", "4",
+              "--self-target-cache", str(tmp_path / "cache")]  # fmt: skip
+    assert main([*common, "--output", str(tmp_path / "a")]) == 0
+    assert main([*common, "--output", str(tmp_path / "b")]) == 0
+    first, second = (json.loads((tmp_path / d / "map" / "conflict_map.json").read_text()) for d in "ab")
+    targets = [m["metadata"]["utility_targets"] for m in (first, second)]
+    assert targets[0]["cache"]["hit"] is False and targets[1]["cache"]["hit"] is True
+    assert targets[0]["prompts_sha256"] == targets[1]["prompts_sha256"]
+    assert first["tensors_sha256"] == second["tensors_sha256"]  # the same answers give the same map

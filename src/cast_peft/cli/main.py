@@ -67,11 +67,19 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
 
     output = _output(args, args.model, args.safety, args.utility)
     safety = load_examples(args.safety, "safety", "train", args.n_calibration)
-    utility = load_examples(args.utility, "utility", "train", args.n_calibration)
+    targets: Any = "data"
+    if args.utility_targets == "self":  # prompts only: the model's own greedy answers are the utility targets
+        from ..diagnosis import SelfTargets
+
+        utility = load_prompts(args.utility, "utility", "train", args.n_calibration)
+        targets = SelfTargets(max_new_tokens=args.self_target_tokens, cache_dir=args.self_target_cache)
+    else:
+        utility = load_examples(args.utility, "utility", "train", args.n_calibration)
     model, tokenizer = _load_model(args)
     with output_folder(args.output, **output) as out:
         cmap = diagnose(model, tokenizer, safety, utility, batch_size=args.batch_size, max_length=args.max_length,
-                        sensitivity=args.sensitivity, kv_scoring=args.kv_scoring, seed=args.seed)  # fmt: skip
+                        sensitivity=args.sensitivity, kv_scoring=args.kv_scoring, seed=args.seed,
+                        utility_targets=targets)  # fmt: skip
         cmap.save(out / "map")
         cmap.plot(out / "conflict_map.png", skip_ratio=args.skip_ratio)
         _write_json(out / "skip_heads.json", cmap.select(skip_ratio=args.skip_ratio))
@@ -198,7 +206,7 @@ _RATIO = _number(float, 0.0, 1.0, high_open=True)
 def build_parser() -> argparse.ArgumentParser:
     # Choices and defaults come from the library, so the CLI cannot drift from it.
     from ..conflict_map import DEFAULT_KV_SCORING, DEFAULT_SKIP_RATIO, KV_SCORINGS, POLICIES
-    from ..diagnosis import SENSITIVITIES
+    from ..diagnosis import SENSITIVITIES, UTILITY_TARGETS, SelfTargets
 
     parser = argparse.ArgumentParser(
         prog="cast-peft",
@@ -229,6 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--safety", default="starter", help="harmful prompt -> refusal pairs (file or 'starter')")
     p.add_argument("--utility", default="starter", help="benign prompt -> helpful answer pairs (file or 'starter')")
     p.add_argument("--n-calibration", type=_COUNT, default=None, help="examples per objective (default: all)")
+    p.add_argument("--utility-targets", choices=UTILITY_TARGETS, default=UTILITY_TARGETS[0],
+                   help="'self': --utility holds prompts only, answered greedily by the model itself (its answers "
+                        "are the utility targets)")  # fmt: skip
+    p.add_argument("--self-target-tokens", type=_COUNT, default=SelfTargets().max_new_tokens,
+                   help="with --utility-targets self: new tokens per answer")  # fmt: skip
+    p.add_argument("--self-target-cache", default=None,
+                   help="with --utility-targets self: folder caching the answers (reused on a match)")  # fmt: skip
     p.add_argument("--sensitivity", choices=SENSITIVITIES, default=SENSITIVITIES[0])
     p.add_argument(
         "--kv-scoring",
