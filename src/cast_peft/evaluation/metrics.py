@@ -122,28 +122,15 @@ def refusal_rate(
 
     ``items`` holds ``{"prompt", "response", "refused"}`` per prompt.
     """
-    return _refusal(model, tokenizer, prompts, max_new_tokens, batch_size, progress, "refusal_rate")
-
-
-def _refusal(
-    model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int, progress: bool, key: str
-) -> dict:
-    # refusal_rate and over_refusal_rate: the same measure, reported under their own key.
     responses = generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
     items = [{"prompt": p, "response": r, "refused": is_refusal(r)} for p, r in zip(prompts, responses)]
-    return {key: sum(it["refused"] for it in items) / len(items), "n": len(items), "items": items}
+    return {"refusal_rate": sum(it["refused"] for it in items) / len(items), "n": len(items), "items": items}
 
 
-def over_refusal_rate(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    max_new_tokens: int = 64,
-    batch_size: int = 8,
-    progress: bool = True,
-) -> dict:
-    """:func:`refusal_rate` on safe prompts (e.g. XSTest safe), reported under ``"over_refusal_rate"``."""
-    return _refusal(model, tokenizer, prompts, max_new_tokens, batch_size, progress, "over_refusal_rate")
+def over_refusal_rate(model: Any, tokenizer: Any, prompts: Sequence[str], *args: Any, **kwargs: Any) -> dict:
+    """:func:`refusal_rate` (same arguments) on safe prompts (e.g. XSTest safe), under ``"over_refusal_rate"``."""
+    result = refusal_rate(model, tokenizer, prompts, *args, **kwargs)
+    return {"over_refusal_rate": result.pop("refusal_rate"), **result}
 
 
 # ----------------------------------------------------------------------------------------------------- scoring
