@@ -741,7 +741,7 @@ def write_report(out: Path, settings: dict[str, Any], command: str) -> Path | No
              "are reported but carry no signal.", ""]  # fmt: skip
     for regime, by_method in sorted(runs.items()):
         lines += [f"## Regime: {regime}", ""] + regime_table(base, by_method, settings["mc_sets"]) + [""]
-        lines += ["Per run:", ""] + per_seed_table(by_method) + [""] + skip_set_table(by_method)
+        lines += skip_set_table(by_method) + ["Per run:", ""] + per_seed_table(by_method) + [""]
         pc = [r["pcgrad"] for r in by_method.get("pcgrad", [])]
         if pc:
             lines += [f"PCGrad: safety/utility gradients conflicted (projected) on "
