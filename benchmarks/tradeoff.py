@@ -162,6 +162,10 @@ def pin_settings(out: Path, settings: dict[str, Any], training: bool = True) -> 
         if wanted is not None and wanted != calibration["candidates"]:
             raise SystemExit(f"{out} is calibrated already: lr {calibration['chosen']} from {calibration['candidates']}"
                              f"; use another --results to calibrate on {wanted}.")  # fmt: skip
+        uncalibrated = sorted(set(settings["regimes"]) - set(calibration["regimes"]))
+        if training and uncalibrated:
+            raise SystemExit(f"{out} was calibrated on regimes {calibration['regimes']}, not {uncalibrated}; "
+                             "use another --results for those.")  # fmt: skip
         settings["learning_rate"] = calibration["chosen"]
     elif settings["mode"] != "lora" and training and wanted is None and set(settings["methods"]) - {"base"}:
         raise SystemExit(f"{out} has no calibrated learning rate yet: the full fine-tuning lr is picked on the "
@@ -278,6 +282,7 @@ def calibrate(out: Path, settings: dict, splits: dict, cmap: ConflictMap, model_
     record = {"rule": "smallest candidate lr whose all-heads run reaches harmful refusal >= target in every regime",
               "target": target, "seed": seed, "regimes": settings["regimes"], "candidates": candidates,
               "summary": {f"{lr:g}": {g: r["summary"] for g, r in by.items()} for lr, by in runs.items()},
+              "compute_s": round(sum(r["train_time_s"] + r["eval_time_s"] for by in runs.values() for r in by.values())),
               "chosen": chosen}  # fmt: skip
     path = out / "settings.json"
     atomic_write_text(path, json.dumps({**json.loads(path.read_text()), "calibration": record}, indent=2))
@@ -693,7 +698,8 @@ def calibration_section(out: Path) -> list[str]:
         return []
     lines = ["## Learning rate (calibrated on the all-heads run only, before any skip run)", "",
              f"Rule: {record['rule']} (target {record['target']:.0%}; seed {record['seed']}). "
-             f"Chosen: **lr {record['chosen']:g}**.", "",
+             f"Chosen: **lr {record['chosen']:g}**. Compute of these runs: {record['compute_s'] / 60:.1f} min (the "
+             "chosen one is also the study's `full` run of that seed).", "",
              "| lr | regime | harmful refusal | XSTest over-refusal | self-instruct NLL | KL drift |", "|---|---|---|---|---|---|"]  # fmt: skip
     for lr, by_regime in record["summary"].items():
         for regime, x in by_regime.items():

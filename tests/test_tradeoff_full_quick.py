@@ -162,6 +162,8 @@ def test_full_mode_calibrates_then_runs_with_exactly_frozen_heads(tiny_model_dir
     assert len(trained) == count
     with pytest.raises(SystemExit, match="calibrated already"):
         tradeoff.main([*common, "--methods", methods, "--calibrate-lr", "1e-4"])
+    with pytest.raises(SystemExit, match="calibrated on regimes"):
+        tradeoff.main([*common, "--methods", methods, "--regimes", "safety,mixed"])
 
 
 def test_full_mlp_mode_trains_the_mlp_too(tiny_model_dir: Path, tmp_path: Path, monkeypatch):
