@@ -728,7 +728,8 @@ def write_report(out: Path, settings: dict[str, Any], command: str) -> Path | No
     label = {"quick": "QUICK (smoke test, numbers meaningless)", "reduced": "REDUCED study",
              "full": "full study"}[settings["profile"]]  # fmt: skip
     lines = [f"# Safety–utility trade-off: CAST vs {trained_what(settings)[0]} vs controls — {label}", "",
-             f"Model `{settings['model']}`; {trained_what(settings)[1]}; {settings['steps']} steps, batch {settings['batch_size']}, lr {settings['learning_rate']}, "
+             f"Model `{settings['model']}`; {trained_what(settings)[1]}; {settings['steps']} steps, "
+             f"batch {settings['batch_size']}, lr {settings['learning_rate']}, "
              f"max length {settings['max_length']}; same data order per seed for every method. Map calibration: "
              f"{settings['n_calibration']} Safety-Tuned LLaMAs + {settings['n_calibration']} alpaca-libre pairs "
              f"(disjoint from training and evaluation). Evaluation: {settings['n_harmful']} harmful prompts (AdvBench + "
