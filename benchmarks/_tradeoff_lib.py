@@ -8,6 +8,7 @@ re-implemented except the PCGrad step, which is a benchmark baseline and not par
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import random
@@ -30,8 +31,12 @@ from shared_data import (
     load_xstest,
 )
 
+from cast_peft import FrozenHeads, freeze_heads
 from cast_peft import evaluation as ev
-from cast_peft.data import IGNORE_INDEX, make_batches
+from cast_peft.conflict_map import ConflictMap
+from cast_peft.data import IGNORE_INDEX, collate, fit_max_length, make_batches
+from cast_peft.geometry import AttentionGeometry, HeadCounts, frozen_units
+from cast_peft.training import TokenizedDataset
 
 
 #: Seed of the data splits (calibration / training / evaluation subsets). Fixed: the run seed only changes the
@@ -48,17 +53,17 @@ PROFILES: dict[str, dict[str, Any]] = {
     "quick": dict(
         seeds=[0], regimes=["safety", "mixed"], ratios=[0.1], steps=2, batch_size=4, max_length=64, learning_rate=1e-3,
         rank=8, n_calibration=8, n_harmful=4, n_safe=4, n_helpful=4, mc_sets=["arc_easy"], n_mc=4, n_ppl=2,
-        max_new_tokens=8, self_target_tokens=8, n_lookalike=4,
+        max_new_tokens=8, self_target_tokens=8, n_lookalike=4, calibration_target=0.0,
     ),
     "reduced": dict(
         seeds=[0, 1, 2], regimes=["safety", "mixed"], ratios=[0.1, 0.2], steps=40, batch_size=8, max_length=128,
         learning_rate=1e-3, rank=8, n_calibration=256, n_harmful=60, n_safe=80, n_helpful=50, mc_sets=["arc_easy"],
-        n_mc=100, n_ppl=10, max_new_tokens=32, self_target_tokens=64, n_lookalike=None,
+        n_mc=100, n_ppl=10, max_new_tokens=32, self_target_tokens=64, n_lookalike=None, calibration_target=0.9,
     ),
     "full": dict(
         seeds=[0, 1, 2], regimes=["safety", "mixed"], ratios=[0.05, 0.1, 0.2, 0.4], steps=100, batch_size=8,
         max_length=128, learning_rate=1e-3, rank=8, n_calibration=256, n_harmful=100, n_safe=100, n_helpful=100,
-        mc_sets=["arc_easy", "piqa"], n_mc=200, n_ppl=40, max_new_tokens=48, self_target_tokens=64, n_lookalike=None,
+        mc_sets=["arc_easy", "piqa"], n_mc=200, n_ppl=40, max_new_tokens=48, self_target_tokens=64, n_lookalike=None, calibration_target=0.9,
     ),
 }  # fmt: skip
 #: Settings that change what a run measures; results made with other values are never mixed into one table.
@@ -87,7 +92,15 @@ LOOKALIKE_PRIMARY = "lookalike_over_refusal"
 
 
 def fingerprint_keys(settings: dict[str, Any]) -> tuple[str, ...]:
-    return FINGERPRINT_KEYS + (LOOKALIKE_KEYS if settings.get("study", "generic") == "lookalike" else ())
+    """The keys :func:`fingerprint` hashes. LoRA mode: :data:`FINGERPRINT_KEYS` as they were (so the committed LoRA
+    study's folder stays valid). Full modes: no ``rank`` (no adapter) and no ``learning_rate`` (calibrated inside the
+    folder and recorded in its ``settings.json``, see ``tradeoff.calibrate``), plus the mode and the calibration rule's
+    safety target (``calibration_target``, the verdict's 90% outside the quick profile). The look-alike study adds
+    :data:`LOOKALIKE_KEYS`."""
+    keys = FINGERPRINT_KEYS
+    if settings.get("mode", "lora") != "lora":
+        keys = tuple(k for k in keys if k not in ("rank", "learning_rate")) + ("mode", "calibration_target")
+    return keys + (LOOKALIKE_KEYS if settings.get("study", "generic") == "lookalike" else ())
 
 
 def fingerprint(settings: dict[str, Any]) -> str:
@@ -97,29 +110,128 @@ def fingerprint(settings: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------------ methods
-_METHOD = re.compile(r"^(base|lora|pcgrad)$|^(cast|pilot|random|oc|fs)-(\d+)$")
-#: ``ConflictMap.select`` policy of each head-skipping method (``pilot`` selects like ``cast``, on the pilot map).
-POLICY = {"cast": "score", "pilot": "score", "random": "random", "oc": "oc", "fs": "fs"}
+#: What is trained: ``lora`` (a rank-``rank`` adapter on the attention projections; the committed study), ``full``
+#: (the attention weights themselves, everything else frozen; skipped heads via ``cast_peft.freeze_heads``) or
+#: ``full-mlp`` (attention and MLP weights; only attention heads are ever skipped).
+MODES = ("lora", "full", "full-mlp")
+#: The all-heads method of each mode: the verdict's reference and the run the full-FT learning rate is calibrated on.
+REFERENCE = {"lora": "lora", "full": "full", "full-mlp": "full"}
+_METHOD = re.compile(r"^(base|lora|pcgrad|full)$|^(cast|pilot|random-depth|random-kv|random|oc|fs)-(\d+)$")
+#: How each head-skipping method picks its heads (see :func:`select_skip`): a ``ConflictMap.select`` policy, or
+#: ``"depth"`` / ``"kv"`` for the random controls matched to the CAST set's layers / frozen KV heads.
+POLICY = {"cast": "score", "pilot": "score", "random": "random", "oc": "oc", "fs": "fs", "random-depth": "depth",
+          "random-kv": "kv"}  # fmt: skip
+#: Methods that need a LoRA adapter (the pilot map is diagnosed after a pilot LoRA run), so not in the full modes.
+LORA_ONLY = ("lora", "pcgrad", "pilot")
 #: Run seed of the pilot LoRA whose merged weights the ``pilot-P`` maps are diagnosed on; not one of the study's seeds.
 PILOT_SEED = 1000
 
 
 def parse_method(name: str) -> tuple[str, float | None]:
-    """``"cast-10"`` -> ``("cast", 0.1)``; ``"lora"`` -> ``("lora", None)``. Raises ``ValueError`` on other names."""
+    """``"cast-10"`` -> ``("cast", 0.1)``; ``"random-kv-20"`` -> ``("random-kv", 0.2)``; ``"lora"`` -> ``("lora",
+    None)``. Raises ``ValueError`` on other names."""
     match = _METHOD.match(name)
     if not match:
-        raise ValueError(f"Unknown method {name!r}: use base, lora, pcgrad or cast-/pilot-/random-/oc-/fs-<percent>.")
+        raise ValueError(
+            f"Unknown method {name!r}: use base, lora, pcgrad, full or cast-/pilot-/random-/random-depth-/random-kv-/"
+            "oc-/fs-<percent>."
+        )
     if match.group(1):
         return match.group(1), None
     return match.group(2), int(match.group(3)) / 100
 
 
-def default_methods(ratios: list[float]) -> list[str]:
-    """All methods of the study, in the order they run (cheap and most informative first)."""
+def check_method(name: str, mode: str) -> None:
+    """Refuse a method that the mode cannot run (``ValueError`` naming the one to use)."""
+    kind = parse_method(name)[0]
+    if mode == "lora" and kind == "full":
+        raise ValueError("Method 'full' trains the dense attention weights: run it with --mode full (or full-mlp).")
+    if mode != "lora" and kind in LORA_ONLY:
+        raise ValueError(f"Method {name!r} needs a LoRA adapter; --mode {mode} has 'full' as its all-heads run.")
+
+
+def default_methods(ratios: list[float], mode: str = "lora") -> list[str]:
+    """All methods of the study, in the order they run (cheap and most informative first).
+
+    ``lora``: the committed study's plan (OC/FS/PCGrad/pilot controls at 10%). Full modes: the issue-16 plan, ``full``,
+    CAST and random at every ratio, then FS and the two confound controls (same skipped heads per layer; same frozen
+    KV heads) at the largest ratio, where the one-seed measurement saw the effect.
+    """
     pct = [round(r * 100) for r in ratios]
+    if mode != "lora":
+        top = max(pct)
+        return (["base", "full"] + [f"cast-{p}" for p in pct] + [f"random-{p}" for p in pct]
+                + [f"fs-{top}", f"random-depth-{top}", f"random-kv-{top}"])  # fmt: skip
     first = round(0.1 * 100) if 0.1 in ratios else pct[0]
     return (["base", "lora"] + [f"cast-{p}" for p in pct] + [f"random-{p}" for p in pct]
             + [f"oc-{first}", f"fs-{first}", "pcgrad", f"pilot-{first}"])  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------- selection
+def select_skip(cmap: ConflictMap, kind: str, ratio: float, seed: int) -> dict[int, list[int]]:
+    """The skip set of method ``kind``-``ratio`` for run ``seed`` (query heads; KV heads follow the default
+    ``kv_head_policy="all"`` of the tuner and of ``freeze_heads``).
+
+    ``cast``/``pilot``/``oc``/``fs``/``random`` are ``cmap.select(skip_ratio=ratio, policy=POLICY[kind],
+    seed=seed)``. The two confound controls start from the CAST set of the same ratio, ``cast = cmap.select(
+    skip_ratio=ratio)``, and draw with ``random.Random(seed)``:
+
+    * ``random-depth``: in every layer, as many heads as ``cast`` skips there, drawn uniformly without replacement
+      from that layer's heads (layers in increasing order, one ``sample`` per layer). Matches the depth profile.
+    * ``random-kv``: with ``K`` the KV heads ``cast`` freezes (groups whose query heads are all skipped) and ``N`` its
+      heads: first ``K`` whole KV groups drawn uniformly from all ``(layer, kv head)`` groups (one ``sample``), then
+      the other ``N - K * group_size`` heads taken in a uniformly shuffled order of the remaining heads, passing over a
+      head that would complete its group (so no further KV head freezes). Matches ``N`` and ``K`` exactly; this always
+      fills, since the remaining groups can hold ``group_size - 1`` heads each, as ``cast``'s own partial ones do. With
+      multi-head attention (``group_size`` 1) every skipped head freezes its KV head, so this is ``random`` drawn
+      with another generator.
+
+    Neither control matches the other confound (``random-depth`` frozen KV heads, ``random-kv`` the layers):
+    :func:`skip_profile` records both for every run.
+    """
+    policy = POLICY[kind]
+    if policy not in ("depth", "kv"):
+        return cmap.select(skip_ratio=ratio, policy=policy, seed=seed)
+    counts, cast = cmap.counts, cmap.select(skip_ratio=ratio)
+    rng = random.Random(seed)
+    if policy == "depth":
+        drawn = {layer: rng.sample(range(counts.num_heads), len(heads)) for layer, heads in sorted(cast.items())}
+        return {layer: sorted(heads) for layer, heads in drawn.items()}
+    g = counts.group_size
+    groups = [(layer, kv) for layer in range(counts.num_layers) for kv in range(counts.num_kv_heads)]
+    whole = set(rng.sample(groups, frozen_kv_heads(cast, counts)))
+    chosen = {(layer, kv * g + i) for layer, kv in sorted(whole) for i in range(g)}
+    rest = [(layer, h) for layer in range(counts.num_layers) for h in range(counts.num_heads)
+            if (layer, h // g) not in whole]  # fmt: skip
+    rng.shuffle(rest)
+    in_group: dict[tuple[int, int], int] = {}
+    need = sum(len(h) for h in cast.values()) - len(chosen)
+    for layer, h in rest:
+        if need == 0:
+            break
+        if in_group.get((layer, h // g), 0) < g - 1:
+            chosen.add((layer, h))
+            in_group[(layer, h // g)] = in_group.get((layer, h // g), 0) + 1
+            need -= 1
+    out: dict[int, list[int]] = {}
+    for layer, h in sorted(chosen):
+        out.setdefault(layer, []).append(h)
+    return out
+
+
+def frozen_kv_heads(skip: dict[int, list[int]], counts: HeadCounts, kv_head_policy: str = "all") -> int:
+    """How many KV heads ``skip`` freezes under ``kv_head_policy`` (the tuner's and ``freeze_heads``'s rule)."""
+    return sum(int(frozen_units(counts, layer, skip, None, kv_head_policy)["k"].sum()) for layer in skip)
+
+
+def skip_profile(skip: dict[int, list[int]], counts: HeadCounts) -> dict[str, Any]:
+    """Where a skip set sits, to read the confounds off every run: heads per layer, frozen KV heads, mean layer."""
+    n = sum(len(h) for h in skip.values())
+    return {
+        "heads_per_layer": {str(layer): len(h) for layer, h in sorted(skip.items())},
+        "frozen_kv_heads": frozen_kv_heads(skip, counts),
+        "mean_layer": sum(layer * len(h) for layer, h in skip.items()) / n if n else None,
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------- data
@@ -204,12 +316,14 @@ def training_data(splits: dict[str, Any], regime: str) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------------ evaluation
-def evaluate(model: Any, tokenizer: Any, splits: dict[str, Any], settings: dict[str, Any], *, drift: bool) -> dict:
+def evaluate(model: Any, tokenizer: Any, splits: dict[str, Any], settings: dict[str, Any], *, drift: bool,
+             reference: Any = None) -> dict:  # fmt: skip
     """The same metrics, decoding and refusal classifier for every method.
 
     Returns ``{"summary": {metric: value}, "details": {...per-item outputs...}, "eval_time_s"}``. ``drift``: compute
-    KL(base || model) on the self-instruct prompts (``model`` must be a ``PeftModel``; the base is its adapter
-    disabled); the base model's own drift is 0 by definition.
+    KL(base || model) on the self-instruct prompts, the base being ``reference`` (the full modes pass a fresh copy of
+    the base model) or, when ``None``, ``model``'s adapter disabled (``model`` a ``PeftModel``); the base model's own
+    drift is 0 by definition.
     """
     started = time.time()
     gen = dict(max_new_tokens=settings["max_new_tokens"], batch_size=8, progress=False)
@@ -237,7 +351,7 @@ def evaluate(model: Any, tokenizer: Any, splits: dict[str, Any], settings: dict[
             flags += [it["refused"] for it in details[f"safe_{name}"]["items"]]
         summary[LOOKALIKE_PRIMARY] = sum(flags) / len(flags)
     if drift:
-        details["kl_drift"] = ev.kl_drift(model, None, tokenizer, [r["prompt"] for r in helpful], batch_size=8,
+        details["kl_drift"] = ev.kl_drift(model, reference, tokenizer, [r["prompt"] for r in helpful], batch_size=8,
                                           progress=False)  # fmt: skip
         summary["kl_drift"] = details["kl_drift"]["kl"]
     for name, items in splits["mc"].items():
@@ -249,6 +363,64 @@ def evaluate(model: Any, tokenizer: Any, splits: dict[str, Any], settings: dict[
         details["wikitext"] = {k: v for k, v in ppl.items() if k != "items"}
         summary["wikitext_ppl"] = ppl["perplexity"]
     return {"summary": summary, "details": details, "eval_time_s": round(time.time() - started, 1)}
+
+
+# -------------------------------------------------------------------------------------------------- full fine-tuning
+_MLP = re.compile(r"\.\d+\.mlp\.")
+
+
+def set_trainable(model: Any, mode: str) -> list[str]:
+    """Train only what ``mode`` trains (``requires_grad``): every attention projection's weight and bias (``full``),
+    plus every parameter under a decoder layer's ``mlp`` (``full-mlp``). Returns the trained parameter names."""
+    attention = {path for paths in AttentionGeometry.from_model(model).projections(model).values()
+                 for path in paths.values()}  # fmt: skip
+    trained = []
+    for name, param in model.named_parameters():
+        param.requires_grad = name.rpartition(".")[0] in attention or (mode == "full-mlp" and bool(_MLP.search(name)))
+        if param.requires_grad:
+            trained.append(name)
+    if mode == "full-mlp" and not any(_MLP.search(n) for n in trained):
+        raise ValueError(f"{type(model).__name__} has no '<layer>.mlp.' parameters; --mode full-mlp cannot find them.")
+    return trained
+
+
+def train_full(model: Any, tokenizer: Any, train_data: list[dict], skip: dict[int, list[int]], settings: dict,
+               seed: int, learning_rate: float, output_dir: str) -> FrozenHeads | None:  # fmt: skip
+    """Fine-tune ``model`` in place in ``settings["mode"]`` (``full`` / ``full-mlp``), with ``skip``'s heads frozen
+    by ``cast_peft.freeze_heads`` (no handle when nothing is skipped: plain full fine-tuning).
+
+    The budget is the LoRA study's: ``cast_peft.training.train_adapter``'s `TrainingArguments` (AdamW, linear decay,
+    no warm-up, no weight decay, clipping at 1.0), its dataset and collator, its seeding (``seed`` and ``data_seed``:
+    the same data order per seed as every other method), ``steps`` and ``batch_size``; only the learning rate is the
+    mode's own (calibrated, see ``tradeoff.calibrate``). Returns the ``FrozenHeads`` handle (still installed).
+    """
+    dataset = TokenizedDataset(tokenizer, train_data, fit_max_length(model, settings["max_length"]))
+    transformers.set_seed(seed)
+    set_trainable(model, settings["mode"])
+    handle = freeze_heads(model, skip) if skip else None
+    args = transformers.TrainingArguments(
+        output_dir=output_dir, max_steps=settings["steps"], learning_rate=learning_rate,
+        per_device_train_batch_size=settings["batch_size"], weight_decay=0.0, seed=seed, data_seed=seed,
+        logging_steps=max(1, settings["steps"] // 4), save_strategy="no", report_to="none",
+        remove_unused_columns=False, disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
+    )  # fmt: skip
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    collator = functools.partial(collate, pad_token_id=pad_id)
+    transformers.Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator).train()
+    model.eval()
+    return handle
+
+
+def pick_learning_rate(refusal: dict[float, dict[str, float]], target: float) -> float | None:
+    """The calibration rule: the smallest candidate learning rate whose all-heads run reaches held-out harmful
+    refusal ``>= target`` in every calibrated regime (``refusal[lr][regime]``); ``None`` when none does.
+
+    Why the smallest: the regime is then one where training does what safety SFT is for (matched safety) with the
+    least over-training, so over-refusal and drift have room to differ between skip sets instead of sitting at their
+    ceiling (the one-seed measurement at 1e-4 had 95% XSTest over-refusal for all heads).
+    """
+    ok = [lr for lr, by_regime in refusal.items() if by_regime and all(v >= target for v in by_regime.values())]
+    return min(ok) if ok else None
 
 
 # ------------------------------------------------------------------------------------------------- PCGrad baseline
