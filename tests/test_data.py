@@ -238,7 +238,7 @@ def test_load_pairs_missing_file_and_offline_hub(tmp_path, monkeypatch):
         raise ConnectionError("Couldn't reach the Hugging Face Hub")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(RuntimeError, match="hub is unreachable.*local .jsonl"):
+    with pytest.raises(data.DataError, match="hub is unreachable.*local .jsonl"):
         load_pairs("some-org/some-dataset")
 
 

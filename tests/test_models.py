@@ -314,7 +314,7 @@ def test_load_model_bad_paths(tmp_path):
     (tmp_path / "bin-only").mkdir()
     (tmp_path / "bin-only" / "config.json").write_text("{}")
     (tmp_path / "bin-only" / "pytorch_model.bin").write_bytes(b"")
-    with pytest.raises(ValueError, match="safetensors only"):
+    with pytest.raises(models.ModelLoadError, match="safetensors only"):
         models.load_model(str(tmp_path / "bin-only"))
 
 

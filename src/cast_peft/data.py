@@ -122,7 +122,7 @@ def _rows(source: Any, split: str, limit: int | None) -> tuple[str, list[tuple[s
         try:
             source = datasets.load_dataset(source, split=split)
         except Exception as e:
-            raise RuntimeError(
+            raise DataError(
                 f"Could not load {source!r} (split {split!r}) from the Hugging Face Hub: {type(e).__name__}: {e}. "
                 "If the hub is unreachable (offline machine), pass a local .jsonl/.json/.csv file instead."
             ) from e
@@ -133,7 +133,7 @@ def _rows(source: Any, split: str, limit: int | None) -> tuple[str, list[tuple[s
         return "dataset", [(f"dataset row {i}", row) for i, row in enumerate(source)]
     if isinstance(source, Sequence) and not isinstance(source, (str, bytes)):
         return "list", [(f"item {i}", row) for i, row in enumerate(source[:limit])]
-    raise TypeError(f"Unsupported data source of type {type(source).__name__}; pass a path, Dataset or list of dicts.")
+    raise DataError(f"Unsupported data source of type {type(source).__name__}; pass a path, Dataset or list of dicts.")
 
 
 def _field(row: Any, column: str, where: str) -> str:
@@ -236,9 +236,9 @@ def starter_set(kind: Literal["safety", "utility"], split: Literal["train", "tes
     has ``prompt``, ``response`` and ``category``; train and test splits have no prompt in common.
     """
     if kind not in ("safety", "utility"):
-        raise ValueError(f"kind must be 'safety' or 'utility', got {kind!r}.")
+        raise ConfigError(f"kind must be 'safety' or 'utility', got {kind!r}.")
     if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
+        raise ConfigError(f"split must be 'train' or 'test', got {split!r}.")
     name = f"{kind}_{split}.jsonl"
     text = resources.files("cast_peft").joinpath("starter_data", name).read_text(encoding="utf-8")
     return load_pairs([row for _, row in _parse_jsonl(text, f"cast_peft/starter_data/{name}")])
@@ -528,9 +528,9 @@ def collate(features: Sequence[dict[str, list[int]]], pad_token_id: int) -> dict
     ``input_ids`` are padded with ``pad_token_id``, ``attention_mask`` with 0 and ``labels`` (when present) with -100.
     """
     if not features:
-        raise ValueError("collate() got no features.")
+        raise DataError("collate() got no features.")
     if pad_token_id is None:
-        raise ValueError("pad_token_id is None; set tokenizer.pad_token (e.g. to the EOS token).")
+        raise ConfigError("pad_token_id is None; set tokenizer.pad_token (e.g. to the EOS token).")
     width = max(len(f["input_ids"]) for f in features)
     pads = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
     batch = {}

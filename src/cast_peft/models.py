@@ -281,7 +281,7 @@ def _convert_gguf(gguf_path: Path, out: Path, expected: dict[str, Any]) -> None:
     model.generation_config = gguf_model.generation_config
     bad = [n for n, m in model.named_modules() if "Gguf" in type(m).__name__]
     if bad or any(p.device.type == "meta" or p.dtype != torch.float32 for p in model.parameters()):
-        raise RuntimeError(f"GGUF conversion of {gguf_path} did not give a dense fp32 model ({bad[:3]}).")
+        raise ModelLoadError(f"GGUF conversion of {gguf_path} did not give a dense fp32 model ({bad[:3]}).")
     out.mkdir(parents=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
@@ -291,13 +291,13 @@ def _convert_gguf(gguf_path: Path, out: Path, expected: dict[str, Any]) -> None:
     ids = torch.arange(1, 9).unsqueeze(0) % config.vocab_size
     with torch.no_grad():
         if not torch.allclose(gguf_model(ids).logits, reloaded(ids).logits, atol=1e-4, rtol=1e-4):
-            raise RuntimeError(f"The converted model in {out} does not reproduce the GGUF model's logits.")
+            raise ModelLoadError(f"The converted model in {out} does not reproduce the GGUF model's logits.")
 
 
 def _check_config(config: Any, expected: dict[str, Any], where: Path) -> None:
     wrong = {k: (getattr(config, k, None), v) for k, v in expected.items() if getattr(config, k, None) != v}
     if wrong:
-        raise RuntimeError(f"Unexpected model config from {where} (got, expected): {wrong}")
+        raise ModelLoadError(f"Unexpected model config from {where} (got, expected): {wrong}")
 
 
 def load_model(
@@ -327,7 +327,7 @@ def load_model(
     if not is_local and (Path(source).exists() or source.startswith(("/", ".", "~", "\\")) or source.count("/") > 1):
         raise FileNotFoundError(f"{name_or_path!r} is not a model folder (nor a hub id like 'org/name').")
     if is_local and not any(Path(source).glob("*.safetensors")):
-        raise ValueError(f"{source} has no *.safetensors weights; cast-peft loads safetensors only.")
+        raise ModelLoadError(f"{source} has no *.safetensors weights; cast-peft loads safetensors only.")
     kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "trust_remote_code": False}
     if load_in_4bit:
         kwargs["quantization_config"], device_map = _bnb_4bit_config(device_map)
@@ -340,7 +340,7 @@ def load_model(
     except OSError as err:
         if is_local:
             raise
-        raise RuntimeError(
+        raise ModelLoadError(
             f"Could not load {source!r} from the Hugging Face Hub: it is unreachable (offline, or HF_HUB_OFFLINE=1) "
             "or the id is wrong. Pass a local model folder, or use the embedded offline default: "
             f"`cast-peft ... --model {DEFAULT_MODEL}` / `load_model()`. ({type(err).__name__}: {err})"
@@ -383,7 +383,7 @@ def check_cpu_4bit_layout(model: Any) -> None:
     """Raise if a 4-bit layer was repacked for CPU inference, which breaks gradients through it."""
     for name, module in model.named_modules():
         if getattr(getattr(getattr(module, "weight", None), "quant_state", None), "packing_format_for_cpu", False):
-            raise RuntimeError(
+            raise ModelLoadError(
                 f"{name} is a bitsandbytes 4-bit layer that was repacked for CPU inference (it ran in eval mode "
                 "without gradients), and gradients no longer flow through it. Reload the model with "
                 "`cast_peft.models.load_model(..., load_in_4bit=True)` (which prevents this), or call "

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .._core.errors import ConfigError, DataError
 from ..data import (
     context_length,
     encode,
@@ -61,7 +62,7 @@ def fp32_logits(model: Any, ids: torch.Tensor, mask: torch.Tensor, keep: int = 0
 
 def batches(n: int, batch_size: int, order: Sequence[int]) -> Iterator[list[int]]:
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     for start in range(0, n, batch_size):
         yield list(order[start : start + batch_size])
 
@@ -69,7 +70,7 @@ def batches(n: int, batch_size: int, order: Sequence[int]) -> Iterator[list[int]
 def nonempty(values: Sequence, what: str) -> list:
     values = list(values)
     if not values:
-        raise ValueError(f"{what} is empty; pass at least one item")
+        raise DataError(f"{what} is empty; pass at least one item")
     return values
 
 
@@ -104,7 +105,7 @@ def continuation_logprobs(
             cont = cont[: max_length - 1]
             ctx = ctx[-(max_length - len(cont)) :]
         if not ctx:
-            raise ValueError("a continuation needs at least one context token (the tokenizer produced none)")
+            raise DataError("a continuation needs at least one context token (the tokenizer produced none)")
         seqs.append((ctx, cont))
     device = input_device(model)
     out: list[list[float]] = [[] for _ in seqs]

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .._core.errors import ConfigError, DataError
 from ..data import encode, eval_mode, generate_ids, input_device, left_pad, padding_id, prompt_ids
 from .batching import batches, chat_split, continuation_logprobs, fp32_logits, nonempty, split_encode
 
@@ -199,7 +200,7 @@ def perplexity(
     texts = nonempty(texts, "texts")
     stride = max_length if stride is None else stride
     if max_length < 2 or not 1 <= stride <= max_length:
-        raise ValueError(f"need max_length >= 2 and 1 <= stride <= max_length, got {max_length=}, {stride=}")
+        raise ConfigError(f"need max_length >= 2 and 1 <= stride <= max_length, got {max_length=}, {stride=}")
     pairs, owner = [], []
     for t, text in enumerate(texts):
         ids = encode(tokenizer, text, add_special_tokens=True)
@@ -219,7 +220,7 @@ def perplexity(
         counts[t] += len(lp)
     n_tokens = sum(counts)
     if n_tokens == 0:
-        raise ValueError("no token to score: every text has fewer than two tokens")
+        raise DataError("no token to score: every text has fewer than two tokens")
     nll = sum(sums) / n_tokens
     items = [{"nll": s / c if c else None, "n_tokens": c} for s, c in zip(sums, counts)]
     return {"perplexity": math.exp(nll), "nll": nll, "n_tokens": n_tokens, "n": len(texts), "items": items}
@@ -251,7 +252,7 @@ def response_nll(
     ]
     n_tokens = sum(len(lp) for lp in lps)
     if n_tokens == 0:
-        raise ValueError("every response is empty")
+        raise DataError("every response is empty")
     nll = -sum(sum(lp) for lp in lps) / n_tokens
     return {"nll": nll, "perplexity": math.exp(nll), "n_tokens": n_tokens, "n": len(items), "items": items}
 
@@ -280,9 +281,9 @@ def multiple_choice_accuracy(
         elif "context" in it and "choices" in it:
             options = [(it["context"], c) for c in it["choices"]]
         else:
-            raise ValueError(f"item {k} needs 'context'+'choices' or 'contexts'+'continuation', got {sorted(it)}")
+            raise DataError(f"item {k} needs 'context'+'choices' or 'contexts'+'continuation', got {sorted(it)}")
         if not 0 <= int(it["gold"]) < len(options):
-            raise ValueError(f"item {k}: gold={it['gold']} is out of range for {len(options)} options")
+            raise DataError(f"item {k}: gold={it['gold']} is out of range for {len(options)} options")
         spans.append((len(pairs), len(pairs) + len(options)))
         for ctx, cont in options:
             pairs.append(split_encode(tokenizer, ctx, cont, add_special_tokens=True))
@@ -326,7 +327,7 @@ def kl_drift(
         from peft import PeftModel
 
         if not isinstance(model, PeftModel):
-            raise ValueError(
+            raise ConfigError(
                 "reference_model=None means 'model with adapters disabled' and needs a PeftModel; "
                 f"got {type(model).__name__}. Pass the base model as reference_model."
             )
@@ -352,7 +353,7 @@ def kl_drift(
                     lq = fp32_logits(ref, ids.to(input_device(ref)), mask.to(input_device(ref))).log_softmax(-1)
                 lq = lq.to(lp.device)
                 if lq.shape != lp.shape:
-                    raise ValueError(
+                    raise ConfigError(
                         f"model and reference disagree on the vocabulary: {lp.shape[-1]} vs {lq.shape[-1]}"
                     )
                 q = lq.exp()

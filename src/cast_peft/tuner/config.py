@@ -404,14 +404,14 @@ class CASTLoraConfig(LoraConfig):
 
                 cast_path = Path(hf_hub_download(pretrained_model_name_or_path, CAST_CONFIG_NAME, subfolder=subfolder))
             except Exception:
-                raise ValueError(
+                raise AdapterError(
                     f"{folder} has no {CAST_CONFIG_NAME}, so it is not a CAST adapter. Load it as plain LoRA with "
                     f"`LoraConfig.from_pretrained` / `PeftModel.from_pretrained`."
                 ) from None
         try:
             cast_dict = json.loads(cast_path.read_text())
         except json.JSONDecodeError as err:
-            raise ValueError(f"{cast_path} is not valid JSON ({err.msg}); re-save the adapter.") from None
+            raise AdapterError(f"{cast_path} is not valid JSON ({err.msg}); re-save the adapter.") from None
         cast_dict.pop("cast_peft_version", None)
         recorded = cast_dict.pop(_WEIGHTS_HASH_KEY, None)
         weights = folder / ADAPTER_WEIGHTS_NAME
@@ -423,7 +423,7 @@ class CASTLoraConfig(LoraConfig):
             )
         unknown = set(cast_dict) - set(_CAST_FIELDS)
         if unknown:
-            raise ValueError(f"{cast_path} has unknown keys {sorted(unknown)}; was it written by a newer cast-peft?")
+            raise AdapterError(f"{cast_path} has unknown keys {sorted(unknown)}; was it written by a newer cast-peft?")
         lora_dict = lora.to_dict()
         lora_dict.pop("peft_type", None)
         return cls(**lora_dict, **cast_dict)

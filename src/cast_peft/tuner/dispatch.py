@@ -9,6 +9,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .._core.errors import ConfigError, UnsupportedArchitectureError
 from ..geometry import is_conv1d
 from .layers import CastLinear
 
@@ -26,13 +27,13 @@ def dispatch_cast(target: nn.Module, adapter_name: str, config: Any, **kwargs: A
             return layer
     conv1d = is_conv1d(base)
     if conv1d != bool(config.fan_in_fan_out):
-        raise ValueError(
+        raise ConfigError(
             f"{kwargs['target_name']} is a {type(base).__name__} but fan_in_fan_out={config.fan_in_fan_out}; "
             f"set fan_in_fan_out={conv1d} (Conv1D stores weights as (in, out))."
         )
     if isinstance(base, nn.Linear) or conv1d:
         return CastLinear(target, adapter_name, config=config, is_target_conv_1d_layer=conv1d, **kwargs)
-    raise ValueError(
+    raise UnsupportedArchitectureError(
         f"CAST cannot put a head-masked LoRA on {kwargs['target_name']} ({type(base).__name__}); supported bases "
         f"are nn.Linear, transformers Conv1D and bitsandbytes Linear4bit/Linear8bitLt."
     )
