@@ -17,7 +17,7 @@ forward/backward pass, i.e. rows per micro-batch x padded length):
 * **activations**: what autograd and the hooks keep from the forward to the backward pass. The base weights need no
   gradient, so a linear layer saves nothing (bitsandbytes' 4-bit matmul neither); per token and layer: both RMSNorms'
   fp32 input (``2 x 4 h``), the q/k/v input and the o input the hooks keep (``e h + e n d``), SDPA's q/k/v/output
-  (``e (2 n + 2 n_kv) d``) and log-sum-exp, the MLP's gate, SiLU and up outputs (``3 e I``); plus the final norm;
+  (``4 e n d``: with a padding mask k/v are repeated per query head) and log-sum-exp, the MLP's gate, SiLU and up outputs (``3 e I``); plus the final norm;
 * **backward**: the largest transient of one layer's backward pass (the MLP's input gradients, the hooks' fp32 copies
   of ``x`` and ``g`` and, in sketch mode, ``x S``; a dequantized 4-bit weight);
 * **logits**: the logits (``e V N``), their gradient (``e V N``) and the fp32 temporaries of one chunk of the chunked
@@ -260,10 +260,11 @@ def plan_diagnosis_memory(
 
 def _saved_per_token_layer(s: _Shapes, e: int) -> int:
     """Bytes one decoder layer keeps per token from its forward to its backward pass (module docstring)."""
-    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    q = s.heads * s.head_dim
     norms = 2 * 4 * s.hidden
     hooks = e * s.hidden + e * q
-    attention = e * (2 * q + 2 * kv) + 4 * s.heads
+    # With a padding mask transformers (5.x) repeats k/v to every query head before SDPA (no GQA kernel then).
+    attention = e * 4 * q + 4 * s.heads
     mlp = (3 if s.gated else 2) * e * s.intermediate
     return norms + hooks + attention + mlp
 
