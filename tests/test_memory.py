@@ -154,9 +154,9 @@ def test_planned_activations_are_what_autograd_and_the_hooks_keep(dtype):
         kept[args[0].untyped_storage().data_ptr()] = args[0].untyped_storage().nbytes()
 
     handles = [p.module.register_forward_hook(keep_input) for p in projections]
-    with HookSession(model, projections, GradAccumulator(projections, geometry), None):
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            logits = model(**{k: batch[k] for k in ("input_ids", "attention_mask")}, use_cache=False).logits
+    session = HookSession(model, projections, GradAccumulator(projections, geometry), None)
+    with session, torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        logits = model(**{k: batch[k] for k in ("input_ids", "attention_mask")}, use_cache=False).logits
     for handle in handles:
         handle.remove()
     kept.pop(logits.untyped_storage().data_ptr(), None)  # counted under "logits"
