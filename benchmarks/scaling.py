@@ -198,33 +198,41 @@ def _param_count(config) -> int:
 def _measure(args: argparse.Namespace) -> list[dict]:
     rows = []
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS=str(args.threads))
-    for size in args.sizes:
-        for weights in args.weights:
-            for accumulation in args.accumulations:
-                with tempfile.TemporaryDirectory() as tmp:
-                    path = Path(tmp) / "result.json"
-                    cmd = [
-                        sys.executable,
-                        __file__,
-                        "--worker",
-                        size,
-                        weights,
-                        accumulation,
-                        str(args.threads),
-                        str(path),
-                        str(args.rows),
-                    ]
-                    start = time.perf_counter()
-                    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-                    if proc.returncode != 0:
-                        print(proc.stderr[-3000:], file=sys.stderr)
-                        raise SystemExit(f"{size} {weights} {accumulation} failed")
-                    row = json.loads(path.read_text())
-                row["process_seconds"] = time.perf_counter() - start
-                rows.append(row)
-                print(_row_line(row), flush=True)
-                if args.out:
-                    _save_partial(args.out, rows)
+    runs = (
+        [run.split(":") for run in args.runs]
+        if args.runs
+        else [
+            (size, weights, accumulation)
+            for size in args.sizes
+            for weights in args.weights
+            for accumulation in args.accumulations
+        ]
+    )
+    for size, weights, accumulation in runs:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "result.json"
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                size,
+                weights,
+                accumulation,
+                str(args.threads),
+                str(path),
+                str(args.rows),
+            ]
+            start = time.perf_counter()
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(proc.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"{size} {weights} {accumulation} failed")
+            row = json.loads(path.read_text())
+        row["process_seconds"] = time.perf_counter() - start
+        rows.append(row)
+        print(_row_line(row), flush=True)
+        if args.out:
+            _save_partial(args.out, rows)
     return rows
 
 
@@ -308,11 +316,13 @@ def _table() -> list[dict]:
     return rows
 
 
-def _markdown(measured: list[dict], table: list[dict], command: str) -> str:
+def _markdown(measured: list[dict], table: list[dict], commands: list[str]) -> str:
     lines = [
         "# Diagnosis memory vs model size, and the planner",
         "",
-        f"Command: `{command}`",
+        "Commands (in this order, each adding its rows to `scaling.json`):",
+        "",
+        *[f"    {command}" for command in commands],
         "",
         "## Measured on this machine (CPU) vs `plan_diagnosis_memory`",
         "",
@@ -380,6 +390,9 @@ def main() -> None:
     parser.add_argument(
         "--rows", type=int, default=BATCH_SIZE, help="rows of 256 tokens per batch (default 8: the diagnosis default)"
     )
+    parser.add_argument(
+        "--runs", nargs="+", default=None, help="explicit SIZE:WEIGHTS:ACCUMULATION runs instead of the product"
+    )
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -391,10 +404,11 @@ def main() -> None:
         path = args.out / "scaling.json"
         data = json.loads(path.read_text()) if path.exists() else {"measured": []}
         data["table"] = _table()
+        data["commands"] = data.get("commands", []) + [command]
         path.write_text(json.dumps(data, indent=1))
-        (args.out / "scaling.md").write_text(_markdown(data["measured"], data["table"], command))
+        (args.out / "scaling.md").write_text(_markdown(data["measured"], data["table"], data["commands"]))
     else:
-        print(_markdown(measured, _table(), command))
+        print(_markdown(measured, _table(), [command]))
 
 
 if __name__ == "__main__":
