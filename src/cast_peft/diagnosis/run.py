@@ -41,6 +41,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import sys
 from collections.abc import Iterable, Mapping
 from importlib import metadata as importlib_metadata
 from typing import Any
@@ -271,13 +272,15 @@ class Diagnosis:
             max_length=max_length,
             **options,
         )
-        (logger.info if fits else logger.warning)(
-            "diagnosis memory plan (%d x %d tokens per batch)%s: %s",
-            batch_size,
-            max_length,
-            "" if fits else " exceeds the free memory (lower max_tokens_per_pass or max_length, or offload=True)",
-            plan.summary(),
-        )
+        message = f"diagnosis memory plan ({batch_size} x {max_length} tokens per batch): {plan.summary()}"
+        if not fits:
+            logger.warning("%s exceeds the free memory: lower max_length, or use offload=True", message)
+        else:
+            logger.info(message)
+            if self.progress and _dist_rank_world()[0] == 0:  # shown with the progress bars (the CLI's default)
+                from tqdm.auto import tqdm
+
+                tqdm.write(message, file=sys.stderr)
         self.plan = plan
         tokens = None if max_tokens_per_pass is None else plan.tokens_per_pass
         if isinstance(max_tokens_per_pass, int):
