@@ -220,3 +220,18 @@ def test_auto_splits_batches_to_fit_the_budget_and_logs_the_plan(caplog):
     assert cmap.metadata["options"]["accumulation_used"] == "exact"
     assert cmap.metadata["options"]["tokens_per_pass"] == 10
     assert "diagnosis memory plan" in caplog.text and "peak" in caplog.text
+
+
+def test_plan_of_an_offloaded_model_counts_only_resident_weights(tmp_path):
+    from accelerate import dispatch_model
+
+    model = build_tiny_model("llama")
+    resident = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
+    resident += sum(t.numel() * t.element_size() for t in [*model.model.norm.parameters(), *model.buffers()])
+    device_map = {"model.embed_tokens": "disk", "model.layers.0": "cpu", "model.layers.1": "disk"}
+    device_map |= {"model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "disk"}
+    model = dispatch_model(model, device_map=device_map, offload_dir=str(tmp_path))
+    plan = plan_diagnosis_memory(model, batch_size=2, max_length=10, accumulation="exact")
+    assert list(plan.devices) == ["cpu"]  # every layer computes on the CPU; nothing is planned on "meta"
+    assert plan.devices["cpu"].weights == resident
+    assert plan.devices["cpu"].activations > 0 and plan.devices["cpu"].logits > 0
