@@ -37,6 +37,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..geometry import AttentionGeometry
+from .hooks import execution_device, hooked_projections
+
 
 #: Positions per chunk of the chunked cross-entropy: at most ~32 MiB of fp32 logits per chunk (vocab 128k: 256).
 CE_CHUNK_ELEMENTS = 1 << 23
@@ -305,9 +308,6 @@ def _compute_dtype(model: nn.Module) -> torch.dtype:
 
 def _placement(model: nn.Module, s: _Shapes, default: str) -> dict[str, Any]:
     """Layers per execution device, and the device of the LM head (where the logits are)."""
-    from ..geometry import AttentionGeometry
-    from .hooks import execution_device, hooked_projections
-
     layers: dict[str, int] = {}
     projections = hooked_projections(model, AttentionGeometry.from_model(model))
     for p in projections:
