@@ -326,8 +326,13 @@ def _markdown(measured: list[dict], table: list[dict], commands: list[str]) -> s
         "",
         "## Measured on this machine (CPU) vs `plan_diagnosis_memory`",
         "",
-        "Random-init Llama shapes, default diagnosis (8 x 256 tokens per batch, one safety + one utility batch, Taylor"
-        " FS, whole batches). *added* = peak RSS during `diagnose()` minus RSS before it (the loaded model); the"
+        "Random-init Llama shapes (untied embeddings, so the 135M shape has 163M parameters), one safety + one utility"
+        " batch of 256-token rows, Taylor FS, whole batches: 8 rows (the default, 2,048 tokens per pass) for 135M, 2"
+        ' rows (512 tokens per pass, what `max_tokens_per_pass="auto"` picks for Llama-3-8B NF4 on a 12-16 GB'
+        " card) for the larger sizes, whose 8-row runs would take 10-40 min each on this shared 2-core CPU; every"
+        " planned term is linear in the tokens per pass. Times are wall seconds on a machine shared with other jobs"
+        " (load average 4-8 on 2 cores), indicative only. *added* = peak RSS during `diagnose()` minus RSS before it"
+        " (the loaded model); the"
         " planner's *added* is its predicted peak minus the resident weights. See the module docstring of"
         " `benchmarks/scaling.py` for how RSS is measured and what it can miss. NF4 runs with fp32 compute (the"
         " bitsandbytes CPU path).",
