@@ -328,8 +328,9 @@ def _markdown(measured: list[dict], table: list[dict], commands: list[str]) -> s
         "",
         "Random-init Llama shapes (untied embeddings, so the 135M shape has 163M parameters), one safety + one utility"
         " batch of 256-token rows, Taylor FS, whole batches: 8 rows (the default, 2,048 tokens per pass) for 135M, 2"
-        ' rows (512 tokens per pass, what `max_tokens_per_pass="auto"` picks for Llama-3-8B NF4 on a 12-16 GB'
-        " card) for the larger sizes, whose 8-row runs would take 10-40 min each on this shared 2-core CPU; every"
+        ' rows (512 tokens per pass; `max_tokens_per_pass="auto"` picks 256-1,024 for 7-8B NF4 models on 12-16 GB'
+        " cards, table below) for the larger sizes, whose 8-row runs would take 10-40 min each on this shared 2-core"
+        " CPU; every"
         " planned term is linear in the tokens per pass. Times are wall seconds on a machine shared with other jobs"
         " (load average 4-8 on 2 cores), indicative only. *added* = peak RSS during `diagnose()` minus RSS before it"
         " (the loaded model); the"
