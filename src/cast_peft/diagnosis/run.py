@@ -274,7 +274,9 @@ class Diagnosis:
         )
         message = f"diagnosis memory plan ({batch_size} x {max_length} tokens per batch): {plan.summary()}"
         if not fits:
-            logger.warning("%s exceeds the free memory: lower max_length, or use offload=True", message)
+            logger.warning(
+                "%s exceeds the free memory (or memory_budget): lower max_length, or use offload=True", message
+            )
         else:
             logger.info(message)
             if self.progress and _dist_rank_world()[0] == 0:  # shown with the progress bars (the CLI's default)
