@@ -155,6 +155,12 @@ def worker(size: str, weights: str, accumulation: str, threads: int, out: Path, 
             model = transformers.AutoModelForCausalLM.from_pretrained(
                 tmp, quantization_config=quantization, dtype=torch.float32, device_map={"": "cpu"}
             )
+        # The unquantized weights (embeddings, LM head, norms) can still be pages of the safetensors file, which
+        # enter RSS only when the diagnosis reads them: copy them into anonymous memory so the baseline holds them.
+        with torch.no_grad():
+            for param in model.parameters():
+                if type(param).__name__ != "Params4bit":
+                    param.data = param.data.clone()
     safety, utility = _batches(config.vocab_size, 0, rows), _batches(config.vocab_size, 1, rows)
     plan = plan_diagnosis_memory(
         model, batch_size=rows, max_length=MAX_LENGTH, accumulation=accumulation, max_tokens_per_pass=None
