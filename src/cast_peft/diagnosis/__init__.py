@@ -2,11 +2,12 @@
 
 from .._core.errors import DiagnosisError
 from .calibration import DEFAULT_CALIBRATION_SIZE
+from .memory import DeviceMemory, DiagnosisMemoryPlan, plan_diagnosis_memory
 from .run import ACCUMULATIONS, SENSITIVITIES, Diagnosis, diagnose
 from .self_targets import UTILITY_TARGETS, SelfTargets, generate_self_targets
 
 
 __all__ = [
-    "ACCUMULATIONS", "DEFAULT_CALIBRATION_SIZE", "SENSITIVITIES", "UTILITY_TARGETS", "Diagnosis", "DiagnosisError",
-    "SelfTargets", "diagnose", "generate_self_targets",
+    "ACCUMULATIONS", "DEFAULT_CALIBRATION_SIZE", "SENSITIVITIES", "UTILITY_TARGETS", "DeviceMemory", "Diagnosis",
+    "DiagnosisError", "DiagnosisMemoryPlan", "SelfTargets", "diagnose", "generate_self_targets", "plan_diagnosis_memory",
 ]  # fmt: skip

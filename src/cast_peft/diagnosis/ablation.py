@@ -11,27 +11,61 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..data import IGNORE_INDEX
 from ..geometry import AttentionGeometry
+from .memory import ce_chunk_positions
 
 
 def row_losses(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Per sequence, the sum of token cross-entropies over response tokens: ``[batch]`` float32, differentiable.
 
     ``labels`` follow the transformers convention: aligned with ``input_ids`` (``labels[:, t]`` is predicted from
-    position ``t - 1``), ``-100`` where a token is not scored.
+    position ``t - 1``), ``-100`` where a token is not scored. The cross-entropy runs over chunks of positions
+    (:class:`_ChunkedCrossEntropy`), so no full fp32 copy of the ``[batch, time, vocab]`` logits is ever made.
     """
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    targets = batch["labels"][:, 1:].to(logits.device)
-    scored = targets != IGNORE_INDEX
-    # Only scored positions are cast to fp32: the full [batch, time, vocab] logits are never copied.
-    token_ce = F.cross_entropy(logits[:, :-1][scored].float(), targets[scored], reduction="none")
-    # masked_scatter + sum keeps the reduction deterministic (no atomics, unlike index_add_ on CUDA).
-    per_position = torch.zeros(scored.shape, dtype=token_ce.dtype, device=token_ce.device)
-    return per_position.masked_scatter(scored, token_ce).sum(1)
+    labels = batch["labels"].to(logits.device)
+    # targets[:, t] is the token predicted at position t; the last position predicts nothing.
+    targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
+    chunk = ce_chunk_positions(logits.shape[-1])
+    per_position = _ChunkedCrossEntropy.apply(logits.contiguous(), targets, chunk)
+    return per_position.view(targets.shape).sum(1)  # a plain sum: deterministic (no atomics)
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Token cross-entropy ``[batch * time]`` fp32 (0 where the target is ``IGNORE_INDEX``) from logits of any dtype,
+    ``chunk`` scored positions at a time in fp32: memory is the logits, their gradient (in the logits' dtype, as
+    autograd would make it) and one fp32 chunk, instead of fp32 copies and a saved log-softmax of every position."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        flat = logits.view(-1, logits.shape[-1])
+        flat_targets = targets.reshape(-1)
+        scored = (flat_targets != IGNORE_INDEX).nonzero().flatten()
+        out = torch.zeros(flat.shape[0], dtype=torch.float32, device=logits.device)
+        for start in range(0, scored.numel(), chunk):
+            index = scored[start : start + chunk]
+            part = flat.index_select(0, index).float()
+            target = flat_targets.index_select(0, index)
+            out[index] = torch.logsumexp(part, dim=1) - part.gather(1, target[:, None]).squeeze(1)
+        ctx.save_for_backward(logits, flat_targets, scored)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        logits, flat_targets, scored = ctx.saved_tensors
+        flat = logits.view(-1, logits.shape[-1])
+        grad_logits = torch.zeros_like(flat)
+        for start in range(0, scored.numel(), ctx.chunk):
+            index = scored[start : start + ctx.chunk]
+            part = torch.softmax(flat.index_select(0, index).float(), dim=1)  # d CE / d logits = softmax - onehot
+            part[torch.arange(index.numel(), device=part.device), flat_targets.index_select(0, index)] -= 1
+            part *= grad.index_select(0, index)[:, None]
+            grad_logits.index_copy_(0, index, part.to(grad_logits.dtype))
+        return grad_logits.view_as(logits), None, None
 
 
 def ablation_units(geometry: AttentionGeometry, kv_groups: bool) -> list[tuple[int, tuple]]:

@@ -23,9 +23,11 @@ hidden`` of the exact memory. Measured on SmolLM2-135M-Instruct (30 layers x 9 h
 objective; ``benchmarks/results/diagnosis_cost.md``), the OC error in cosine units with the default
 ``sketch_dim=512`` is 0.016 on average (max 0.11; Spearman 0.983 with the exact OC) for the default q/o OC, and 0.005
 (max 0.025; Spearman 0.998) for k/v or q/k/v/o OC; with 256: 0.024 / 0.0066. ``"auto"``
-(default) takes the exact path when it fits in half the free memory of the accumulators' device (or in
-``memory_budget`` bytes), else the sketch. For small models the activations dominate the peak anyway (SmolLM2: the
-map's peak equals that of plain attention-only gradient accumulation).
+(default) takes the exact path when the whole predicted peak of the run (``diagnosis.memory.plan_diagnosis_memory``:
+weights, accumulators, activations, logits, ablation) fits on every device it uses (in ``memory_budget`` bytes
+each, beyond the loaded weights, or in 85% of the free memory, PyTorch's reusable cache counted as free), else the
+sketch; ``max_tokens_per_pass="auto"`` then splits batches into micro-batches until the plan fits. The plan is
+logged before the first pass.
 
 **Processes.** Under ``torch.distributed`` (e.g. ``accelerate launch``) each process takes every ``world_size``-th
 batch (unless the data is a DataLoader already sharded by a ``DistributedSampler`` or accelerate); the sums are
@@ -39,6 +41,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import sys
 from collections.abc import Iterable, Mapping
 from importlib import metadata as importlib_metadata
 from typing import Any
@@ -65,12 +68,11 @@ from .hooks import (
     GradAccumulator,
     HookSession,
     TaylorAccumulator,
-    exact_bytes,
     execution_device,
     hooked_projections,
-    sketch_bytes,
     unit_stats,
 )
+from .memory import choose_plan, rows_per_pass
 from .self_targets import SelfTargets, resolve_utility_targets, self_target_batches
 
 
@@ -102,6 +104,7 @@ def diagnose(
     progress: bool = True,
     shard: bool | None = None,
     utility_targets: str | SelfTargets = "data",
+    max_tokens_per_pass: int | str | None = "auto",
 ) -> ConflictMap:
     """Diagnose every attention head of ``model``; returns a :class:`ConflictMap`.
 
@@ -126,6 +129,10 @@ def diagnose(
         combine, normalization: how OC and FS make the score (default: product after min-max normalisation, the
             most stable skip set in ``benchmarks/map_stability.py``; ``ConflictMap.rescore`` changes them later).
         accumulation, offload, sketch_dim, memory_budget: memory of the gradient accumulators (module docstring).
+        max_tokens_per_pass: token budget of one forward/backward pass: each batch is split into micro-batches of
+            whole rows (at least one) within it. Gradients are sums, so the map is the same up to fp32 summation
+            order; only the activation memory and the speed change. ``"auto"`` (default): whole batches when they
+            fit, else the largest halving that does (``cast_peft.diagnosis.memory``); ``None``: whole batches.
         seed: seed of the sketch matrix (the only randomness; the model runs in eval mode).
         progress: tqdm progress bars (only on the first process).
         shard: split the batches over ``torch.distributed`` processes; ``None``: when distributed, unless the
@@ -159,6 +166,9 @@ def diagnose(
         ablation_chunk=ablation_chunk,
         seed=seed,
         progress=progress,
+        max_tokens_per_pass=max_tokens_per_pass,
+        batch_size=batch_size,
+        max_length=max_length,
     )
     for objective, data in (("safety", safety_data), ("utility", utility_data)):
         run.add(objective, prepare_batches(data, tokenizer, batch_size, max_length, objective), shard=shard)
@@ -193,6 +203,9 @@ class Diagnosis:
         ablation_chunk: int = 8,
         seed: int = 0,
         progress: bool = True,
+        max_tokens_per_pass: int | str | None = "auto",
+        batch_size: int = 8,
+        max_length: int = 256,
     ):
         for name, value, allowed in (
             ("sensitivity", sensitivity, SENSITIVITIES),
@@ -226,8 +239,11 @@ class Diagnosis:
             "sketch_dim": sketch_dim,
             "ablation_chunk": ablation_chunk,
         }
-        self.mode = self._choose_mode(accumulation, offload, sketch_dim, memory_budget)
+        self.mode, self.tokens_per_pass = self._choose_mode(
+            accumulation, memory_budget, max_tokens_per_pass, batch_size, max_length
+        )
         self.options["accumulation_used"] = self.mode
+        self.options["tokens_per_pass"] = self.tokens_per_pass
         sketch = sketch_dim if self.mode == "sketch" else None
         self.grads = {
             obj: GradAccumulator(self.projections, self.geometry, sketch_dim=sketch, seed=seed, offload=offload)
@@ -245,23 +261,45 @@ class Diagnosis:
         self._finished = False
 
     # ------------------------------------------------------------------------------------------------ memory
-    def _choose_mode(self, accumulation: str, offload: bool, sketch_dim: int, budget: int | None) -> str:
-        need = 2 * exact_bytes(self.projections)
-        if accumulation != "auto":
-            return accumulation
-        if budget is None:
-            device = torch.device("cpu") if offload else self.projections[0].device
-            budget = _free_bytes(device) // 2
-        mode = "exact" if need <= budget else "sketch"
-        sketch_need = 2 * sketch_bytes(self.projections, self.geometry, sketch_dim)
-        logger.info(
-            "diagnosis accumulators: %s (exact needs %.1f MiB, sketch %.1f MiB, budget %.1f MiB)",
-            mode,
-            need / 2**20,
-            sketch_need / 2**20,
-            budget / 2**20,
+    def _choose_mode(
+        self,
+        accumulation: str,
+        budget: int | None,
+        max_tokens_per_pass: int | str | None,
+        batch_size: int,
+        max_length: int,
+    ) -> tuple[str, int | None]:
+        """``(accumulation, token budget per pass)`` from the memory plan; logs the plan's predicted peak."""
+        if max_tokens_per_pass not in ("auto", None) and (
+            not isinstance(max_tokens_per_pass, int) or max_tokens_per_pass < 1
+        ):
+            raise ValueError(f"max_tokens_per_pass={max_tokens_per_pass!r}: give a positive int, 'auto' or None.")
+        options = {key: self.options[key] for key in ("sketch_dim", "offload", "sensitivity", "ablation_chunk")}
+        plan, fits = choose_plan(
+            self.model,
+            accumulation=accumulation,
+            max_tokens_per_pass=max_tokens_per_pass,
+            memory_budget=budget,
+            batch_size=batch_size,
+            max_length=max_length,
+            **options,
         )
-        return mode
+        message = f"diagnosis memory plan ({batch_size} x {max_length} tokens per batch): {plan.summary()}"
+        if not fits:
+            logger.warning(
+                "%s exceeds the free memory (or memory_budget): lower max_length, or use offload=True", message
+            )
+        else:
+            logger.info(message)
+            if self.progress and _dist_rank_world()[0] == 0:  # shown with the progress bars (the CLI's default)
+                from tqdm.auto import tqdm
+
+                tqdm.write(message, file=sys.stderr)
+        self.plan = plan
+        tokens = None if max_tokens_per_pass is None else plan.tokens_per_pass
+        if isinstance(max_tokens_per_pass, int):
+            tokens = max_tokens_per_pass
+        return plan.accumulation, tokens
 
     # ------------------------------------------------------------------------------------------------ passes
     def add(self, objective: str, batches: Iterable[Mapping[str, torch.Tensor]], *, shard: bool | None = None) -> None:
@@ -313,38 +351,48 @@ class Diagnosis:
         batch = check_batch(raw, objective, index, vocab, self.context)
         self.digests[objective].append((index, digest(batch)))
         batch = {key: value.to(device) for key, value in batch.items()}
-        losses = row_losses(self.model, batch)
-        loss = losses.sum()
-        if not torch.isfinite(loss):
-            raise DiagnosisError(
-                f"The {objective} loss of batch {index} is {float(loss.detach())} (NaN/inf). Check that "
-                "batch's data and the model's dtype (fp16 overflows; use bf16 or fp32)."
-            )
-        loss.backward()
-        if not session.gradients_finite():
-            raise DiagnosisError(
-                f"A gradient of the {objective} loss in batch {index} is NaN/inf (the loss was "
-                f"finite: {float(loss.detach()):.4g}). Use bf16/fp32 compute, or drop that batch."
-            )
+        rows, length = batch["input_ids"].shape
+        step = rows_per_pass(self.tokens_per_pass, rows, length)
+        parts = []
+        for start in range(0, rows, step):  # micro-batches of whole rows: the sums are the same
+            micro = {key: value[start : start + step] for key, value in batch.items()}
+            losses = row_losses(self.model, micro)
+            loss = losses.sum()
+            if not torch.isfinite(loss):
+                raise DiagnosisError(
+                    f"The {objective} loss of batch {index} is {float(loss.detach())} (NaN/inf). Check that "
+                    "batch's data and the model's dtype (fp16 overflows; use bf16 or fp32)."
+                )
+            loss.backward()
+            if not session.gradients_finite():
+                raise DiagnosisError(
+                    f"A gradient of the {objective} loss in batch {index} is NaN/inf (the loss was "
+                    f"finite: {float(loss.detach()):.4g}). Use bf16/fp32 compute, or drop that batch."
+                )
+            parts.append(losses.detach())
+            if accumulate_ablation:
+                self._ablate(micro)
+        losses = torch.cat(parts)
         size = self.sizes[objective]
         size["batches"] += 1
         size["examples"] += batch["input_ids"].shape[0]
         size["tokens"] += int(batch["attention_mask"].sum())
         size["response_tokens"] += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         self.loss_sums[objective] += float(losses.detach().double().sum())
-        if accumulate_ablation:
-            o_modules = {p.layer: p.module for p in self._o}
-            o_index = self.geometry.role_index(self._o[0].name, "o")
-            # Runs under no_grad, so the gradient hooks stay idle.
-            self.ablated += ablated_losses(
-                self.model,
-                o_modules,
-                self._o[0].in_features,
-                o_index,
-                batch,
-                self._units,
-                self.options["ablation_chunk"],
-            )
+
+    def _ablate(self, batch: Mapping[str, torch.Tensor]) -> None:
+        o_modules = {p.layer: p.module for p in self._o}
+        o_index = self.geometry.role_index(self._o[0].name, "o")
+        # Runs under no_grad, so the gradient hooks stay idle.
+        self.ablated += ablated_losses(
+            self.model,
+            o_modules,
+            self._o[0].in_features,
+            o_index,
+            batch,
+            self._units,
+            self.options["ablation_chunk"],
+        )
 
     # ------------------------------------------------------------------------------------------------ result
     def conflict_map(self) -> ConflictMap:
@@ -465,17 +513,6 @@ class _Fixed:
 
 def _input_device(model: nn.Module) -> torch.device:
     return execution_device(model.get_input_embeddings())
-
-
-def _free_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        import psutil
-
-        return psutil.virtual_memory().available
-    except ImportError:  # psutil comes with accelerate; without it, assume the exact path fits
-        return 1 << 62
 
 
 def _dist_rank_world() -> tuple[int, int]:

@@ -1,0 +1,257 @@
+"""CUDA suite (issue 14 item 12): ``pytest -m gpu``; every test is skipped where ``torch.cuda.is_available()`` is False.
+
+Run on a machine with one CUDA GPU (compute capability >= 8.0 for the bf16 tests): ``pytest -m gpu tests/test_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+
+import pytest
+import torch
+import transformers
+from _diag_worker import labelled_batches
+from models import build_tiny_model, save_bnb_sized_llama, tiny_batch
+from peft import LoraConfig, get_peft_model
+
+from cast_peft import CASTLoraConfig, diagnose, verify_frozen_heads
+from cast_peft.diagnosis.memory import free_bytes, plan_diagnosis_memory
+
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run with -m gpu on one)"),
+]
+CUDA = "cuda:0"
+SKIP = {0: [1], 1: [0, 3]}
+
+
+def _bf16_capable() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+
+
+needs_bf16 = pytest.mark.skipif(not _bf16_capable(), reason="needs a CUDA GPU with bf16 (compute capability >= 8.0)")
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """fp32 means fp32: TF32 matmuls would make the device map differ from the CPU one by ~1e-3."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def _mid_llama(dtype: torch.dtype, layers: int = 8, hidden: int = 1024) -> transformers.PreTrainedModel:
+    config = transformers.LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=hidden * 11 // 4,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 256,
+        vocab_size=32000,
+        max_position_embeddings=1024,
+        pad_token_id=0,
+    )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).to(CUDA)
+
+
+def _random_batches(count: int, rows: int, length: int, vocab: int = 32000) -> list[dict[str, torch.Tensor]]:
+    out = []
+    for seed in range(count):
+        ids = torch.randint(3, vocab, (rows, length), generator=torch.Generator().manual_seed(seed))
+        mask = torch.ones_like(ids)
+        mask[-1, length // 2 :] = 0
+        labels = ids.masked_fill(mask == 0, -100)
+        labels[:, : length // 4] = -100
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ maps on device
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"accumulation": "exact"},
+        {"accumulation": "sketch", "sketch_dim": 64},
+        {"accumulation": "exact", "sensitivity": "ablation"},
+        {"accumulation": "exact", "max_tokens_per_pass": 10},
+    ],
+    ids=["exact", "sketch", "ablation", "micro-batches"],
+)
+def test_device_map_equals_cpu_map(options):
+    model = build_tiny_model("llama")
+    safety, utility = labelled_batches(0, 3), labelled_batches(50, 3)
+    on_cpu = diagnose(model, None, safety, utility, progress=False, **options)
+    on_gpu = diagnose(copy.deepcopy(model).to(CUDA), None, safety, utility, progress=False, **options)
+    torch.testing.assert_close(on_gpu.oc, on_cpu.oc, rtol=0, atol=1e-5)
+    torch.testing.assert_close(on_gpu.fs_signed, on_cpu.fs_signed, rtol=1e-4, atol=1e-7)
+    assert on_gpu.select(skip_ratio=0.25) == on_cpu.select(skip_ratio=0.25)
+
+
+@needs_bf16
+def test_bf16_map_is_close_to_fp32():
+    model = _mid_llama(torch.float32, layers=4, hidden=512)
+    safety, utility = _random_batches(2, 4, 128), _random_batches(2, 4, 128)
+    fp32 = diagnose(model, None, safety, utility, progress=False, accumulation="exact")
+    bf16 = diagnose(model.to(torch.bfloat16), None, safety, utility, progress=False, accumulation="exact")
+    assert float((bf16.oc - fp32.oc).abs().mean()) < 0.02
+    assert _spearman(bf16.score, fp32.score) > 0.9
+
+
+@needs_bf16
+def test_nf4_map_is_close_to_the_fp32_map_of_its_dequantized_weights(tmp_path):
+    """Same function, different arithmetic: the fp32 reference runs on the NF4 weights dequantized."""
+    bnb = pytest.importorskip("bitsandbytes")
+    save_bnb_sized_llama(tmp_path)
+    quantization = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+    )
+    nf4 = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=quantization, dtype=torch.bfloat16, device_map={"": 0}
+    )
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).to(CUDA)
+    modules = dict(reference.named_modules())
+    with torch.no_grad():
+        for name, module in nf4.named_modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+                modules[name].weight.copy_(weight.float())
+    safety, utility = labelled_batches(0, 4), labelled_batches(50, 4)
+    ours = diagnose(nf4, None, safety, utility, progress=False, accumulation="exact")
+    expected = diagnose(reference, None, safety, utility, progress=False, accumulation="exact")
+    assert float((ours.oc - expected.oc).abs().mean()) < 0.03
+    assert _spearman(ours.score, expected.score) > 0.9
+
+
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra, rb = a.flatten().argsort().argsort().double(), b.flatten().argsort().argsort().double()
+    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+
+
+# ------------------------------------------------------------------------------------------------ training
+@needs_bf16
+def test_bf16_training_keeps_skipped_heads_and_merges_bit_exact():
+    model = build_tiny_model("llama", dtype=torch.bfloat16).to(CUDA)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    peft_model = get_peft_model(model, CASTLoraConfig(r=4, lora_alpha=8, skip_heads=SKIP))
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=5e-2)
+    peft_model.train()
+    for step in range(20):
+        batch = {k: v.to(CUDA) for k, v in tiny_batch(seed=step).items()}
+        peft_model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    peft_model.eval()
+    verify_frozen_heads(peft_model, base)
+    config = peft_model.peft_config["default"]
+    merged = peft_model.merge_and_unload()
+    verify_frozen_heads(merged, base, config=config)  # skipped heads' base slices bit-identical after the merge
+    d = model.config.hidden_size // model.config.num_attention_heads
+    q = merged.model.layers[0].self_attn.q_proj.weight
+    assert torch.equal(q[d : 2 * d], base["model.layers.0.self_attn.q_proj.weight"][d : 2 * d])
+    assert not torch.equal(q[:d], base["model.layers.0.self_attn.q_proj.weight"][:d]), "trained heads must move"
+
+
+@needs_bf16
+def test_qlora_with_gradient_checkpointing(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from peft import prepare_model_for_kbit_training
+
+    save_bnb_sized_llama(tmp_path)
+    quantization = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+    )
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=quantization, dtype=torch.bfloat16, device_map={"": 0}
+    )
+    model = prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+    )
+    peft_model = get_peft_model(model, CASTLoraConfig(r=4, lora_alpha=8, skip_heads=SKIP))
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=5e-2)
+    peft_model.train()
+    for step in range(5):
+        batch = {k: v.to(CUDA) for k, v in tiny_batch(seed=step).items()}
+        loss = peft_model(**batch).loss
+        assert torch.isfinite(loss)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    verify_frozen_heads(peft_model)
+    q = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    assert torch.count_nonzero(q.lora_B["default"].weight) > 0
+
+
+# ------------------------------------------------------------------------------------------------ memory
+@needs_bf16
+@pytest.mark.parametrize("accumulation", ["exact", "sketch"])
+def test_planner_predicts_max_memory_allocated(accumulation):
+    model = _mid_llama(torch.bfloat16)
+    safety, utility = _random_batches(1, 8, 256), _random_batches(1, 8, 256)
+    plan = plan_diagnosis_memory(model, batch_size=8, max_length=256, accumulation=accumulation)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    diagnose(model, None, safety, utility, progress=False, accumulation=accumulation, max_tokens_per_pass=None)
+    measured = torch.cuda.max_memory_allocated() - before
+    predicted = plan.devices[CUDA].added
+    assert abs(predicted - measured) <= 0.15 * measured, (predicted, measured)
+
+
+@needs_bf16
+def test_auto_micro_batches_keep_the_peak_within_the_budget():
+    model = _mid_llama(torch.bfloat16)
+    safety, utility = _random_batches(1, 8, 256), _random_batches(1, 8, 256)
+    whole = plan_diagnosis_memory(model, batch_size=8, max_length=256, accumulation="sketch").devices[CUDA]
+    budget = whole.accumulators + whole.sketch + (whole.activations + whole.logits) // 3  # whole batches do not fit
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    cmap = diagnose(model, None, safety, utility, progress=False, memory_budget=budget)
+    assert cmap.metadata["options"]["accumulation_used"] == "sketch"
+    assert cmap.metadata["options"]["tokens_per_pass"] < 8 * 256
+    assert torch.cuda.max_memory_allocated() - before <= 1.15 * budget
+
+
+def test_free_memory_counts_pytorchs_reusable_cache():
+    torch.cuda.empty_cache()
+    free_before = torch.cuda.mem_get_info()[0]
+    block = torch.empty(256 * 2**20, dtype=torch.uint8, device=CUDA)
+    del block  # back in PyTorch's cache: reserved, not allocated, not free for CUDA
+    assert torch.cuda.mem_get_info()[0] < free_before - 200 * 2**20
+    assert free_bytes(CUDA) >= free_before - 16 * 2**20
+
+
+# ------------------------------------------------------------------------------------------------ overhead
+@needs_bf16
+def test_cast_step_time_is_within_3_percent_of_lora():
+    def step_times(config) -> list[float]:
+        model = get_peft_model(_mid_llama(torch.bfloat16, layers=8, hidden=2048), config)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        batch = {k: v.to(CUDA) for k, v in _random_batches(1, 8, 512)[0].items()}
+        times = []
+        for step in range(30):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            torch.cuda.synchronize()
+            if step >= 10:  # warm-up: kernels, allocator
+                times.append(time.perf_counter() - start)
+        del model, optimizer
+        torch.cuda.empty_cache()
+        return times
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    lora = statistics.median(step_times(LoraConfig(r=16, lora_alpha=32, target_modules=targets)))
+    cast = statistics.median(
+        step_times(CASTLoraConfig(r=16, lora_alpha=32, target_modules=targets, skip_heads={0: [0, 1], 3: [5]}))
+    )
+    assert cast / lora <= 1.03, f"CAST step {cast * 1e3:.2f} ms vs LoRA {lora * 1e3:.2f} ms"
