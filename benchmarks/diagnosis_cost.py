@@ -247,11 +247,9 @@ def _summary(results: dict, tensors: dict) -> dict:
                 summary[f"time_ratio_map_vs_{base}"] = exact["seconds"] / results[base]["seconds"]
                 summary[f"memory_ratio_map_vs_{base}"] = exact["peak_extra_mib"] / results[base]["peak_extra_mib"]
         if "map_sketch" in tensors:
-            import inspect
+            from cast_peft.diagnosis import DiagnosisOptions
 
-            from cast_peft.diagnosis import Diagnosis
-
-            dim = inspect.signature(Diagnosis).parameters["sketch_dim"].default
+            dim = DiagnosisOptions().sketch_dim
             error = (tensors["map_sketch"]["oc"] - tensors["map_exact"]["oc"]).abs()
             summary[f"sketch{dim}_direct_oc_mean_abs_error"] = float(error.mean())
             summary[f"sketch{dim}_direct_oc_max_abs_error"] = float(error.max())

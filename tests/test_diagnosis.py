@@ -406,3 +406,43 @@ def test_two_processes_give_the_single_process_map(tmp_path):
         assert reduced == {k: v for k, v in data.items() if k != "mean_loss"}
     assert maps[0].metadata["world_size"] == 2
     assert maps[0].select(skip_k=3) == single.select(skip_k=3)
+
+
+# ------------------------------------------------------------------------------------------------ options
+def test_options_object_and_keywords_give_the_same_map():
+    from cast_peft import DiagnosisOptions
+
+    model = build_tiny_model("llama")
+    safety, utility = labelled_batches(0, 2), labelled_batches(50, 2)
+    options = DiagnosisOptions(accumulation="sketch", sketch_dim=16, seed=5, progress=False)
+    by_object = diagnose(model, None, safety, utility, options)
+    by_keywords = diagnose(model, None, safety, utility, accumulation="sketch", sketch_dim=16, seed=5, progress=False)
+    overridden = diagnose(model, None, safety, utility, options, seed=6)  # a keyword overrides the object's field
+    for name, tensor in by_object.tensors().items():
+        assert torch.equal(tensor, by_keywords.tensors()[name]), name
+    assert not torch.equal(by_object.oc, overridden.oc)  # another sketch seed, another estimate
+    assert by_object.metadata["options"] == by_keywords.metadata["options"]
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"sensitivity": "exact"}, "sensitivity='exact' is not one of"),
+        ({"accumulation": "fast"}, "accumulation='fast' is not one of"),
+        ({"batch_size": 0}, "batch_size=0 must be a positive integer"),
+        ({"sketch_dim": 2.5}, "sketch_dim=2.5 must be a positive integer"),
+        ({"max_tokens_per_pass": 0}, "max_tokens_per_pass=0"),
+        ({"sensitvity": "taylor"}, r"Unknown diagnosis option\(s\) \['sensitvity'\]"),
+    ],
+)
+def test_bad_options_are_refused_before_any_pass(bad, match):
+    from cast_peft import ConfigError
+
+    model = build_tiny_model("llama")
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("the model must not run")
+
+    model.forward = no_forward
+    with pytest.raises(ConfigError, match=match):
+        diagnose(model, None, labelled_batches(0, 1), labelled_batches(50, 1), progress=False, **bad)

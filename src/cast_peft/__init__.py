@@ -24,7 +24,7 @@ from ._core.errors import (
     UnsupportedArchitectureError,
 )
 from .conflict_map import ConflictMap
-from .diagnosis import SelfTargets, diagnose
+from .diagnosis import DiagnosisOptions, SelfTargets, diagnose
 from .geometry import LAYOUTS, AttentionGeometry, frozen_units
 from .tuner import (
     CASTLoraConfig,
@@ -44,6 +44,7 @@ __all__ = [
     "CastWarning",
     "ConflictMap",
     "diagnose",
+    "DiagnosisOptions",
     "SelfTargets",
     "freeze_heads",
     "load_dense_config",

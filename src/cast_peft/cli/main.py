@@ -9,6 +9,7 @@ output (or none) whole. ``--overwrite`` replaces only a folder cast-peft wrote; 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import shutil
@@ -63,7 +64,7 @@ def _write_json(path: Path, data: Any) -> None:
 
 # ----------------------------------------------------------------------------------------------------- commands
 def cmd_diagnose(args: argparse.Namespace) -> None:
-    from ..diagnosis.run import diagnose
+    from ..diagnosis import DiagnosisOptions, diagnose
 
     output = _output(args, args.model, args.safety, args.utility)
     safety = load_examples(args.safety, "safety", "train", args.n_calibration)
@@ -77,9 +78,9 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
         utility = load_examples(args.utility, "utility", "train", args.n_calibration)
     model, tokenizer = _load_model(args)
     with output_folder(args.output, **output) as out:
-        cmap = diagnose(model, tokenizer, safety, utility, batch_size=args.batch_size, max_length=args.max_length,
-                        sensitivity=args.sensitivity, kv_scoring=args.kv_scoring, seed=args.seed,
-                        utility_targets=targets)  # fmt: skip
+        options = DiagnosisOptions(batch_size=args.batch_size, max_length=args.max_length,
+                                   sensitivity=args.sensitivity, kv_scoring=args.kv_scoring, seed=args.seed)  # fmt: skip
+        cmap = diagnose(model, tokenizer, safety, utility, options, utility_targets=targets)
         cmap.save(out / "map")
         cmap.plot(out / "conflict_map.png", skip_ratio=args.skip_ratio)
         _write_json(out / "skip_heads.json", cmap.select(skip_ratio=args.skip_ratio))
@@ -205,8 +206,15 @@ _RATIO = _number(float, 0.0, 1.0, high_open=True)
 
 def build_parser() -> argparse.ArgumentParser:
     # Choices and defaults come from the library, so the CLI cannot drift from it.
-    from ..conflict_map import DEFAULT_KV_SCORING, DEFAULT_SKIP_RATIO, KV_SCORINGS, POLICIES
-    from ..diagnosis import SENSITIVITIES, UTILITY_TARGETS, SelfTargets
+    from ..conflict_map import DEFAULT_SKIP_RATIO, POLICIES
+    from ..diagnosis import UTILITY_TARGETS, DiagnosisOptions, SelfTargets
+
+    option = {f.name: f for f in dataclasses.fields(DiagnosisOptions)}
+
+    def diagnosis_option(p: argparse.ArgumentParser, name: str) -> None:
+        f = option[name]
+        p.add_argument(f"--{name.replace('_', '-')}", choices=f.metadata["choices"], default=f.default,
+                       help=f.metadata["help"])  # fmt: skip
 
     parser = argparse.ArgumentParser(
         prog="cast-peft",
@@ -229,8 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", default=DEFAULT_MODEL,
                        help=f"local folder, .gguf file, hub id (needs the hub) or {DEFAULT_MODEL!r} (embedded, offline; default)")  # fmt: skip
         p.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes NF4 base (QLoRA)")
-        p.add_argument("--batch-size", type=_COUNT, default=8)
-        p.add_argument("--max-length", type=_COUNT, default=256)
+        p.add_argument("--batch-size", type=_COUNT, default=option["batch_size"].default)
+        p.add_argument("--max-length", type=_COUNT, default=option["max_length"].default)
 
     p = command("diagnose", cmd_diagnose, "Compute the head conflict map (OC, FS, score), save it and plot it.")
     model_args(p)
@@ -244,13 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --utility-targets self: new tokens per answer")  # fmt: skip
     p.add_argument("--self-target-cache", default=None,
                    help="with --utility-targets self: folder caching the answers (reused on a match)")  # fmt: skip
-    p.add_argument("--sensitivity", choices=SENSITIVITIES, default=SENSITIVITIES[0])
-    p.add_argument(
-        "--kv-scoring",
-        choices=KV_SCORINGS,
-        default=DEFAULT_KV_SCORING,
-        help="score k/v inside each query head ('shared') or per KV head ('separate')",
-    )
+    diagnosis_option(p, "sensitivity")
+    diagnosis_option(p, "kv_scoring")
     p.add_argument("--skip-ratio", type=_RATIO, default=DEFAULT_SKIP_RATIO, help="fraction of heads listed as skipped")
 
     p = command("train", cmd_train, "Safety SFT with a CAST adapter (--conflict-map) or plain LoRA (baseline).")

@@ -38,6 +38,7 @@ order). An error on one process (NaN loss, ...) is raised on all of them at the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import math
@@ -51,15 +52,9 @@ from torch import nn
 
 from .._core.errors import DiagnosisError
 from ..conflict_map import (
-    COMBINES,
-    DEFAULT_COMBINE,
-    DEFAULT_KV_SCORING,
-    DEFAULT_NORMALIZATION,
-    KV_SCORINGS,
-    NORMALIZATIONS,
     ConflictMap,
 )
-from ..data import _positive_int, context_length, fit_max_length, prompt_format
+from ..data import context_length, fit_max_length, prompt_format
 from ..geometry import AttentionGeometry
 from ..models import check_cpu_4bit_layout, local_cuda_index
 from .ablation import IGNORE_INDEX, ablated_losses, ablation_units, row_losses
@@ -73,13 +68,22 @@ from .hooks import (
     unit_stats,
 )
 from .memory import choose_plan, rows_per_pass
+from .options import DiagnosisOptions
 from .self_targets import SelfTargets, resolve_utility_targets, self_target_batches
 
 
 logger = logging.getLogger(__name__)
 
-SENSITIVITIES = ("taylor", "ablation")
-ACCUMULATIONS = ("auto", "exact", "sketch")
+_RECORDED_OPTIONS = (
+    "sensitivity",
+    "kv_scoring",
+    "combine",
+    "normalization",
+    "accumulation",
+    "offload",
+    "sketch_dim",
+    "ablation_chunk",
+)
 OBJECTIVES = ("safety", "utility")
 
 
@@ -88,23 +92,11 @@ def diagnose(
     tokenizer: Any = None,
     safety_data: Any = None,
     utility_data: Any = None,
+    options: DiagnosisOptions | None = None,
     *,
-    batch_size: int = 8,
-    max_length: int = 256,
-    sensitivity: str = "taylor",
-    kv_scoring: str = DEFAULT_KV_SCORING,
-    combine: str = DEFAULT_COMBINE,
-    normalization: str = DEFAULT_NORMALIZATION,
-    accumulation: str = "auto",
-    offload: bool = False,
-    sketch_dim: int = 512,
-    memory_budget: int | None = None,
-    ablation_chunk: int = 8,
-    seed: int = 0,
-    progress: bool = True,
     shard: bool | None = None,
     utility_targets: str | SelfTargets = "data",
-    max_tokens_per_pass: int | str | None = "auto",
+    **overrides: Any,
 ) -> ConflictMap:
     """Diagnose every attention head of ``model``; returns a :class:`ConflictMap`.
 
@@ -119,22 +111,8 @@ def diagnose(
             loss on every token), a ``datasets.Dataset`` of those, a list of tokenized batches (``input_ids``,
             ``attention_mask``, ``labels`` with -100 on unscored tokens), or a DataLoader of batches. The
             tokenizer's prompt format (``cast_peft.data.prompt_format``) is recorded in ``metadata["prompt_format"]``.
-        batch_size, max_length: tokenization of examples (``cast_peft.data.make_batches``); ``max_length`` is
-            lowered to the model's context (``n_positions`` / ``max_position_embeddings``) with a log line.
-        sensitivity: ``"taylor"`` (free: same backward pass) or ``"ablation"`` (exact; ``layers x heads`` extra
-            forward passes per utility batch, ``ablation_chunk`` heads per pass).
-        kv_scoring: ``"separate"`` (default: q/o scored per query head, k/v per KV head, see
-            ``ConflictMap.select_kv``) or ``"shared"`` (θ_h includes the k/v rows of head h's KV head, which under
-            GQA dominate θ_h and give the map KV-group blocks).
-        combine, normalization: how OC and FS make the score (default: product after min-max normalisation, the
-            most stable skip set in ``benchmarks/map_stability.py``; ``ConflictMap.rescore`` changes them later).
-        accumulation, offload, sketch_dim, memory_budget: memory of the gradient accumulators (module docstring).
-        max_tokens_per_pass: token budget of one forward/backward pass: each batch is split into micro-batches of
-            whole rows (at least one) within it. Gradients are sums, so the map is the same up to fp32 summation
-            order; only the activation memory and the speed change. ``"auto"`` (default): whole batches when they
-            fit, else the largest halving that does (``cast_peft.diagnosis.memory``); ``None``: whole batches.
-        seed: seed of the sketch matrix (the only randomness; the model runs in eval mode).
-        progress: tqdm progress bars (only on the first process).
+        options: a :class:`DiagnosisOptions` (tokenization, sensitivity, scoring, memory, seed, progress); any of its
+            fields can also be given as a keyword (``diagnose(..., sensitivity="ablation", seed=1)``).
         shard: split the batches over ``torch.distributed`` processes; ``None``: when distributed, unless the
             data is a DataLoader that is already sharded.
         utility_targets: ``"data"`` (default): the utility data's own responses. ``"self"`` or
@@ -143,33 +121,18 @@ def diagnose(
             generated once before any diagnosis pass (or read from ``cache_dir``); the settings, hashes and cache
             use are recorded in ``metadata["utility_targets"]`` (``diagnosis/self_targets.py``).
     """
+    opts = DiagnosisOptions.resolve(options, overrides)
     self_targets = resolve_utility_targets(utility_targets)
-    _positive_int(batch_size, "batch_size")
-    max_length = fit_max_length(model, max_length)  # GPT-2 indexes past its position table otherwise
+    opts = dataclasses.replace(opts, max_length=fit_max_length(model, opts.max_length))  # GPT-2's position table
+    batch_size, max_length = opts.batch_size, opts.max_length
     targets_metadata = None
     if self_targets is not None:
         # The safety data is checked first, so a bad set fails before the (minutes-long) generation.
         safety_data = prepare_batches(safety_data, tokenizer, batch_size, max_length, "safety")
         utility_data, targets_metadata = self_target_batches(model, tokenizer, utility_data, self_targets,
                                                              batch_size=batch_size, max_length=max_length,
-                                                             progress=progress)  # fmt: skip
-    run = Diagnosis(
-        model,
-        sensitivity=sensitivity,
-        kv_scoring=kv_scoring,
-        combine=combine,
-        normalization=normalization,
-        accumulation=accumulation,
-        offload=offload,
-        sketch_dim=sketch_dim,
-        memory_budget=memory_budget,
-        ablation_chunk=ablation_chunk,
-        seed=seed,
-        progress=progress,
-        max_tokens_per_pass=max_tokens_per_pass,
-        batch_size=batch_size,
-        max_length=max_length,
-    )
+                                                             progress=opts.progress)  # fmt: skip
+    run = Diagnosis(model, opts)
     for objective, data in (("safety", safety_data), ("utility", utility_data)):
         run.add(objective, prepare_batches(data, tokenizer, batch_size, max_length, objective), shard=shard)
     cmap = run.conflict_map()
@@ -188,70 +151,36 @@ class Diagnosis:
     with several processes it all-reduces the sums in place and ends the run. Arguments as in :func:`diagnose`.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        sensitivity: str = "taylor",
-        kv_scoring: str = DEFAULT_KV_SCORING,
-        combine: str = DEFAULT_COMBINE,
-        normalization: str = DEFAULT_NORMALIZATION,
-        accumulation: str = "auto",
-        offload: bool = False,
-        sketch_dim: int = 512,
-        memory_budget: int | None = None,
-        ablation_chunk: int = 8,
-        seed: int = 0,
-        progress: bool = True,
-        max_tokens_per_pass: int | str | None = "auto",
-        batch_size: int = 8,
-        max_length: int = 256,
-    ):
-        for name, value, allowed in (
-            ("sensitivity", sensitivity, SENSITIVITIES),
-            ("kv_scoring", kv_scoring, KV_SCORINGS),
-            ("combine", combine, COMBINES),
-            ("normalization", normalization, NORMALIZATIONS),
-            ("accumulation", accumulation, ACCUMULATIONS),
-        ):
-            if value not in allowed:
-                raise ValueError(f"{name}={value!r} is not one of {allowed}.")
-        if sketch_dim < 1 or ablation_chunk < 1:
-            raise ValueError("sketch_dim and ablation_chunk must be >= 1.")
+    def __init__(self, model: nn.Module, options: DiagnosisOptions | None = None, **overrides: Any):
+        opts = self.opts = DiagnosisOptions.resolve(options, overrides)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         if getattr(base, "get_output_embeddings", lambda: None)() is None:
             raise DiagnosisError(
                 f"{type(base).__name__} has no language-model head (a bare transformer, as AutoModel loads), so it "
                 "has no loss to diagnose. Load the model with AutoModelForCausalLM.from_pretrained(...)."
             )
-        self.model, self.seed, self.progress = model, seed, progress
+        self.model, self.seed, self.progress = model, opts.seed, opts.progress
         self.context = context_length(model)
         self.geometry = AttentionGeometry.from_model(model)
         check_cpu_4bit_layout(model)
         self.projections = hooked_projections(model, self.geometry)
-        self.options = {
-            "sensitivity": sensitivity,
-            "kv_scoring": kv_scoring,
-            "combine": combine,
-            "normalization": normalization,
-            "accumulation": accumulation,
-            "offload": offload,
-            "sketch_dim": sketch_dim,
-            "ablation_chunk": ablation_chunk,
-        }
+        # What the map's metadata records of the options (the run-only ones, memory_budget and progress, aside).
+        self.options = {key: getattr(opts, key) for key in _RECORDED_OPTIONS}
         self.mode, self.tokens_per_pass = self._choose_mode(
-            accumulation, memory_budget, max_tokens_per_pass, batch_size, max_length
+            opts.accumulation, opts.memory_budget, opts.max_tokens_per_pass, opts.batch_size, opts.max_length
         )
         self.options["accumulation_used"] = self.mode
         self.options["tokens_per_pass"] = self.tokens_per_pass
-        sketch = sketch_dim if self.mode == "sketch" else None
+        sketch = opts.sketch_dim if self.mode == "sketch" else None
         self.grads = {
-            obj: GradAccumulator(self.projections, self.geometry, sketch_dim=sketch, seed=seed, offload=offload)
+            obj: GradAccumulator(
+                self.projections, self.geometry, sketch_dim=sketch, seed=opts.seed, offload=opts.offload
+            )
             for obj in OBJECTIVES
         }
         self._o = [p for p in self.projections if p.input_side]
         self.taylor = TaylorAccumulator(self.geometry, self._o[0].name)
-        kv_groups = kv_scoring == "separate" and self.geometry.counts.group_size > 1
+        kv_groups = opts.kv_scoring == "separate" and self.geometry.counts.group_size > 1
         self._units = ablation_units(self.geometry, kv_groups=kv_groups)
         self.ablated = torch.zeros(len(self._units), dtype=torch.float64)
         self.sizes = {obj: {"examples": 0, "batches": 0, "tokens": 0, "response_tokens": 0} for obj in OBJECTIVES}
@@ -270,10 +199,6 @@ class Diagnosis:
         max_length: int,
     ) -> tuple[str, int | None]:
         """``(accumulation, token budget per pass)`` from the memory plan; logs the plan's predicted peak."""
-        if max_tokens_per_pass not in ("auto", None) and (
-            not isinstance(max_tokens_per_pass, int) or max_tokens_per_pass < 1
-        ):
-            raise ValueError(f"max_tokens_per_pass={max_tokens_per_pass!r}: give a positive int, 'auto' or None.")
         options = {key: self.options[key] for key in ("sketch_dim", "offload", "sensitivity", "ablation_chunk")}
         plan, fits = choose_plan(
             self.model,
