@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .._core.errors import DiagnosisError
-from ..geometry import AttentionGeometry, Role, _feature_counts, name_is_input_side
+from ..geometry import ROLES, AttentionGeometry, Role, _feature_counts, name_is_input_side
 
 
 @dataclass(frozen=True)
@@ -246,10 +246,7 @@ def unit_stats(safety: GradAccumulator, utility: GradAccumulator) -> dict[Role, 
     """
     geometry = safety.geometry
     counts = geometry.counts
-    stats = {
-        role: torch.zeros(counts.num_layers, geometry.units(role), 3, dtype=torch.float64)
-        for role in ("q", "k", "v", "o")
-    }
+    stats = {role: torch.zeros(counts.num_layers, geometry.units(role), 3, dtype=torch.float64) for role in ROLES}
     for p in safety.projections:
         for role in p.roles:
             (ws, bs), (wu, bu) = safety.blocks(p, role), utility.blocks(p, role)
