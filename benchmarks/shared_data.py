@@ -29,6 +29,14 @@ def data_dir() -> Path:
     return path
 
 
+def available(dataset: str) -> bool:
+    """Whether the benchmark data has ``dataset`` (tests that need it skip without it)."""
+    try:
+        return (data_dir() / dataset).is_dir()
+    except FileNotFoundError:
+        return False
+
+
 def _join(instruction: str, extra: str | None) -> str:
     return f"{instruction.strip()}\n\n{extra.strip()}" if extra and extra.strip() else instruction.strip()
 

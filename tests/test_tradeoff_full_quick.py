@@ -16,18 +16,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from models import TINY_CONFIGS, build_tiny_model, build_tiny_tokenizer  # noqa: E402
+from shared_data import available  # noqa: E402
 
 
-def _data_available() -> bool:
-    from shared_data import data_dir
-
-    try:
-        return (data_dir() / "safety_tuned_llamas").is_dir()
-    except FileNotFoundError:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _data_available(), reason="needs the benchmark data (../shared/data)")
+pytestmark = pytest.mark.skipif(
+    not available("safety_tuned_llamas"), reason="needs the benchmark data (../shared/data)"
+)
 
 # Tiny Llama: 2 layers x 4 heads, 2 KV heads (groups of 2). Skipping 60% (5 of 8 heads) forces at least one whole KV
 # group (4 groups hold at most 4 heads without completing one), so k/v freezing is always exercised.

@@ -15,18 +15,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from models import build_tiny_model, build_tiny_tokenizer  # noqa: E402
+from shared_data import available  # noqa: E402
 
 
-def _data_available() -> bool:
-    from shared_data import data_dir
-
-    try:
-        return (data_dir() / "safety_tuned_llamas").is_dir()
-    except FileNotFoundError:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _data_available(), reason="needs the benchmark data (../shared/data)")
+pytestmark = pytest.mark.skipif(
+    not available("safety_tuned_llamas"), reason="needs the benchmark data (../shared/data)"
+)
 
 
 @pytest.fixture(scope="module")
