@@ -7,7 +7,12 @@ from collections import Counter
 
 import lookalike as la
 import pytest
-from shared_data import data_dir
+from shared_data import available, data_dir
+
+
+pytestmark = pytest.mark.skipif(
+    not (available("xstest") and available("safety_tuned_llamas")), reason="needs the benchmark data (../shared/data)"
+)
 
 
 def _norm(text: str) -> str:
