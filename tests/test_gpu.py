@@ -86,6 +86,7 @@ def _random_batches(count: int, rows: int, length: int, vocab: int = 32000) -> l
 def test_device_map_equals_cpu_map(options):
     model = build_tiny_model("llama")
     safety, utility = labelled_batches(0, 3), labelled_batches(50, 3)
+    options = {**options, "hook_precision": "fp32"}  # fp32 means fp32 (the GPU's default is bf16-input GEMMs)
     on_cpu = diagnose(model, None, safety, utility, progress=False, **options)
     on_gpu = diagnose(copy.deepcopy(model).to(CUDA), None, safety, utility, progress=False, **options)
     torch.testing.assert_close(on_gpu.oc, on_cpu.oc, rtol=0, atol=1e-5)
@@ -123,7 +124,7 @@ def test_nf4_map_is_close_to_the_fp32_map_of_its_dequantized_weights(tmp_path):
                 modules[name].weight.copy_(weight.float())
     safety, utility = labelled_batches(0, 4), labelled_batches(50, 4)
     ours = diagnose(nf4, None, safety, utility, progress=False, accumulation="exact")
-    expected = diagnose(reference, None, safety, utility, progress=False, accumulation="exact")
+    expected = diagnose(reference, None, safety, utility, progress=False, accumulation="exact", hook_precision="fp32")
     assert float((ours.oc - expected.oc).abs().mean()) < 0.03
     assert _spearman(ours.score, expected.score) > 0.9
 
@@ -255,3 +256,79 @@ def test_cast_step_time_is_within_3_percent_of_lora():
         step_times(CASTLoraConfig(r=16, lora_alpha=32, target_modules=targets, skip_heads={0: [0, 1], 3: [5]}))
     )
     assert cast / lora <= 1.03, f"CAST step {cast * 1e3:.2f} ms vs LoRA {lora * 1e3:.2f} ms"
+
+
+# ------------------------------------------------------------------------------------------------ hook GEMMs (item 9)
+@needs_bf16
+@pytest.mark.parametrize("accumulation", ["exact", "sketch"])
+def test_bf16_hook_gemms_give_the_fp32_map_within_bf16_rounding(accumulation):
+    model = build_tiny_model("qwen2").to(CUDA)
+    safety, utility = labelled_batches(0, 2), labelled_batches(50, 2)
+    options = {"progress": False, "accumulation": accumulation, "sketch_dim": 64}
+    fp32 = diagnose(model, None, safety, utility, hook_precision="fp32", **options)
+    auto = diagnose(model, None, safety, utility, **options)  # "auto" is bf16 on a bf16-capable GPU
+    assert auto.metadata["options"]["hook_precision_used"] == {CUDA: "bfloat16"}
+    error = float((auto.oc - fp32.oc).abs().max())
+    assert 0 < error < 2e-2, error
+    torch.testing.assert_close(auto.fs_signed, fp32.fs_signed, rtol=1e-4, atol=1e-7)
+
+
+@needs_bf16
+def test_bf16_model_maps_agree_between_bf16_and_fp32_hooks():
+    # A bf16 model's x and g are bf16 already: the bf16 GEMMs only change the summation order.
+    model = build_tiny_model("llama", dtype=torch.bfloat16).to(CUDA)
+    safety, utility = labelled_batches(0, 2), labelled_batches(50, 2)
+    fp32 = diagnose(model, None, safety, utility, progress=False, accumulation="exact", hook_precision="fp32")
+    bf16 = diagnose(model, None, safety, utility, progress=False, accumulation="exact", hook_precision="bf16")
+    torch.testing.assert_close(bf16.oc, fp32.oc, rtol=0, atol=1e-4)
+
+
+def test_sketch_computes_x_s_once_per_shared_input_on_cuda():
+    from test_hook_precision import _CountSketchProducts
+
+    from cast_peft.diagnosis import Diagnosis
+
+    model = build_tiny_model("llama").to(CUDA)
+    run = Diagnosis(model, progress=False, accumulation="sketch", sketch_dim=24)
+    with _CountSketchProducts(model.config.hidden_size, 24) as counter:
+        run.add("safety", labelled_batches(0, 1))
+    assert counter.count == 2 * model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("accumulation", ["exact", "sketch"])
+def test_offloaded_adds_use_pinned_buffers_and_never_sync_in_a_hook(accumulation):
+    from cast_peft.diagnosis import Diagnosis
+
+    model = build_tiny_model("qwen2").to(CUDA)
+    safety, utility = labelled_batches(0, 2), labelled_batches(50, 2)
+    options = {"progress": False, "accumulation": accumulation, "sketch_dim": 16}
+    on_device = diagnose(model, None, safety, utility, **options)
+    run = Diagnosis(model, offload=True, **options)
+    accumulator = run.grads["safety"]
+    assert all(t.device.type == "cpu" for t in accumulator.tensors())
+    add = accumulator.add
+    synced: list[str] = []
+
+    def strict_add(*args, **kwargs):  # every hook's GEMMs and copies, with CUDA's sync detector raising
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return add(*args, **kwargs)
+        except RuntimeError as err:
+            synced.append(str(err))
+            raise
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    accumulator.add = strict_add
+    run.add("safety", safety)
+    del accumulator.add
+    run.add("utility", utility)
+    assert not synced
+    offloaded = run.conflict_map()
+    torch.testing.assert_close(offloaded.oc, on_device.oc, rtol=0, atol=1e-5)
+    buffers = [b for acc in run.grads.values() for b in acc.host.allocated]
+    assert buffers and all(b.is_pinned() for b in buffers)
+    plan = plan_diagnosis_memory(model, accumulation=accumulation, sketch_dim=16, offload=True)
+    pinned = sum(b.numel() * b.element_size() for b in buffers)
+    accumulators = 2 * sum(t.numel() * t.element_size() for t in run.grads["safety"].tensors())
+    assert accumulators + pinned <= plan.devices["cpu"].accumulators

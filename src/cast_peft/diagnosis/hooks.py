@@ -20,11 +20,19 @@ Two accumulator layouts:
   ``N(0, 1/k)``, seeded), i.e. ``gᵀ (x S)``: exact on the head side, a Johnson-Lindenstrauss projection on the hidden
   side. Inner products are unbiased, ``E[⟨A S, B S⟩] = ⟨A, B⟩``; biases stay exact. The same ``S`` serves both
   objectives (and every process), so their inner products are comparable.
+
+The GEMMs run on fp32 inputs or, with ``hook_precision="bf16"`` (the default on CUDA devices with native bf16),
+on bf16 inputs, always accumulating in fp32 into fp32 sums (``benchmarks/results/hook_precision.md``: the OC error
+this adds is far below the sketch's). The projections that read the same hidden state (q/k/v) share one
+:class:`HookInput`, so its cast and its ``x S`` are computed once. With ``offload=True`` the device results reach
+the CPU sums through pinned buffers and non-blocking copies (:class:`HostAdder`), never a synchronous copy.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,16 +131,127 @@ class _Sketch:
 
     def __init__(self, dim: int, seed: int):
         self.k, self.seed = dim, seed
-        self._cache: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._cache: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
 
-    def matrix(self, rows: int, device: torch.device) -> torch.Tensor:
-        key = (rows, device)
+    def matrix(self, rows: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        key = (rows, device, dtype)
         if key not in self._cache:
             # Generated on the CPU from (seed, rows) so every device and every process gets the same matrix.
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + rows)
             matrix = torch.randn(rows, self.k, generator=generator, dtype=torch.float32) / self.k**0.5
-            self._cache[key] = matrix.to(device)
+            self._cache[key] = matrix.to(device=device, dtype=dtype)
         return self._cache[key]
+
+
+def hook_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The input dtype of the hooks' GEMMs on ``device`` for ``hook_precision`` (``"auto"``: bf16 on CUDA devices
+    that compute it natively, compute capability >= 8.0; fp32 elsewhere, the CPU included)."""
+    if precision == "auto":
+        native = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+        precision = "bf16" if native else "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise DiagnosisError(f"hook_precision={precision!r}: use 'auto', 'fp32' or 'bf16'.")
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` as fp32, accumulated in fp32, for fp32 or bf16 ``a`` and ``b``."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.device.type == "cuda":
+        return torch.mm(a, b, out_dtype=torch.float32)  # cuBLAS bf16 -> fp32 (aten::mm.dtype, torch 2.13)
+    # The CPU has no bf16 -> fp32 GEMM kernel. Products of bf16 values are exact in fp32, so this computes the same
+    # numbers as the CUDA kernel (up to summation order).
+    return a.float() @ b.float()
+
+
+def _addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` in place, fp32 ``acc``, fp32 accumulation (no ``[out, in]`` temporary where avoidable)."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif a.device.type == "cuda":
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)  # aten::addmm.dtype_out (checked against torch 2.13)
+    else:
+        acc.addmm_(a.float(), b.float())  # as in _mm: the same numbers as the CUDA kernel
+
+
+class HookInput:
+    """A projection input kept from the forward pass for the backward hooks of every projection that reads it.
+
+    q/k/v read the same hidden state; their hooks share one ``HookInput``, so what is derived from the input (its
+    cast to the GEMM dtype, ``x S``) is computed once and dropped when the last of them has run.
+    """
+
+    def __init__(self, x: torch.Tensor):
+        self.x: torch.Tensor | None = x
+        self.users = 1
+        self._derived: dict[Any, torch.Tensor] = {}
+
+    def derived(self, key: Any, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if key not in self._derived:
+            self._derived[key] = make()
+        return self._derived[key]
+
+    def release(self) -> None:
+        """One user is done; the last one frees the input and everything derived from it."""
+        self.users -= 1
+        if self.users <= 0:
+            self.x = None
+            self._derived.clear()
+
+
+#: Offloaded adds in flight (pinned buffers being copied into) before a hook waits for the oldest one.
+OFFLOAD_COPIES_IN_FLIGHT = 2
+
+
+class HostAdder:
+    """Adds device results into CPU (offloaded) sums without a synchronous device-to-host copy.
+
+    Each result is copied with ``non_blocking=True`` into a pinned host buffer and an event is recorded after the
+    copy; the add on the CPU waits for that event only when ``depth`` copies are in flight already (the oldest is
+    completed first) or at :meth:`flush`, which must run before the sums are read (``GradAccumulator`` does).
+    Buffers are reused by shape, so at most ``depth`` per shape are ever allocated.
+    """
+
+    def __init__(self, depth: int = OFFLOAD_COPIES_IN_FLIGHT):
+        self.depth = depth
+        self._pending: deque[tuple[Any, torch.Tensor, torch.Tensor]] = deque()  # (event, buffer, target)
+        self._free: dict[tuple[int, ...], list[torch.Tensor]] = {}
+        self.allocated: list[torch.Tensor] = []  # every buffer made (to check that they are pinned)
+
+    def add_(self, target: torch.Tensor, value: torch.Tensor) -> None:
+        """``target += value`` (``target`` fp32 on the CPU), once the copy has arrived."""
+        if len(self._pending) >= self.depth:
+            self._complete_oldest()
+        cuda = value.device.type == "cuda"
+        free = self._free.setdefault(tuple(value.shape), [])
+        if free:
+            buffer = free.pop()
+        else:
+            buffer = torch.empty(value.shape, dtype=target.dtype, pin_memory=cuda)
+            self.allocated.append(buffer)
+        buffer.copy_(value, non_blocking=cuda)
+        event = None
+        if cuda:  # recorded on the stream that runs the copy (the backward pass's current stream)
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(value.device))
+        self._pending.append((event, buffer, target))
+
+    def _complete_oldest(self) -> None:
+        event, buffer, target = self._pending.popleft()
+        if event is not None:
+            event.synchronize()
+        target += buffer
+        self._free[tuple(buffer.shape)].append(buffer)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def flush(self) -> None:
+        """Complete every pending add (the CPU sums are then up to date)."""
+        while self._pending:
+            self._complete_oldest()
 
 
 class GradAccumulator:
@@ -144,7 +263,8 @@ class GradAccumulator:
         sketch_dim: ``None`` for exact accumulators, else the hidden-side sketch width ``k``.
         seed: seed of the sketch matrix.
         offload: keep the accumulators in CPU memory (each batch's contribution is computed on the model's device
-            and then added on the CPU).
+            and then added on the CPU, through :class:`HostAdder`).
+        hook_precision: input precision of the GEMMs, per device (:func:`hook_dtype`); sums are fp32 always.
     """
 
     def __init__(
@@ -155,9 +275,12 @@ class GradAccumulator:
         sketch_dim: int | None = None,
         seed: int = 0,
         offload: bool = False,
+        hook_precision: str = "auto",
     ):
         self.projections, self.geometry = projections, geometry
         self.sketch = _Sketch(sketch_dim, seed) if sketch_dim else None
+        self.dtypes = {p.device: hook_dtype(hook_precision, p.device) for p in projections}
+        self.host = HostAdder()
         self._index = {
             (p.path, role): geometry.role_index(p.name, role).reshape(-1).to(p.device)
             for p in projections
@@ -176,53 +299,78 @@ class GradAccumulator:
                     self.unit[(p.path, role)] = torch.zeros(geometry.units(role), d, self.sketch.k, device=device)
             if p.has_bias and not p.input_side:
                 self.bias[p.path] = torch.zeros(p.out_features, device=device)
+            if self.sketch is not None:  # made now: a host-to-device copy inside a hook would sync
+                self.sketch.matrix(p.out_features if p.input_side else p.in_features, p.device, self.dtypes[p.device])
 
     @torch.no_grad()
-    def add(self, p: HookedProjection, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """Add one backward pass's ``gᵀ x`` (and ``Σ g`` for a bias).
+    def add(self, p: HookedProjection, x: torch.Tensor | HookInput, g: torch.Tensor) -> torch.Tensor:
+        """Add one backward pass's ``gᵀ x`` (and ``Σ g`` for a bias); ``x`` may be a :class:`HookInput` shared with
+        the other projections that read it (this call is then one of its users).
 
         Returns ``Σ x + Σ g`` (fp32): finite exactly when every input and output gradient entry is, so one check per
         batch finds a NaN/inf gradient without a pass over the accumulators (a NaN activation at a padded position,
         where g is 0, would still poison ``gᵀ x``).
         """
+        source = x if isinstance(x, HookInput) else HookInput(x.detach())
         # The backward pass inherits the caller's autocast (e.g. inside accelerator.autocast()), which would run the
-        # matmuls below in bf16/fp16 and make addmm_ into the fp32 sums fail: the sums are fp32 by design.
-        with torch.autocast(x.device.type, enabled=False):
-            return self._add(p, x, g)
+        # matmuls below in bf16/fp16 and make addmm_ into the fp32 sums fail: the precision is chosen here.
+        try:
+            with torch.autocast(g.device.type, enabled=False):
+                return self._add(p, source, g)
+        finally:
+            source.release()
 
-    def _add(self, p: HookedProjection, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        x = x.reshape(-1, x.shape[-1]).float()
-        g = g.reshape(-1, g.shape[-1]).float()
-        check = x.sum() + g.sum()
+    def _add(self, p: HookedProjection, source: HookInput, g: torch.Tensor) -> torch.Tensor:
+        dtype = self.dtypes[p.device]
+        x = source.derived(dtype, lambda: source.x.reshape(-1, source.x.shape[-1]).to(dtype))
+        g_raw = g.reshape(-1, g.shape[-1])
+        g = g_raw.to(dtype)
+        check = x.sum(dtype=torch.float32) + g.sum(dtype=torch.float32)
         if self.sketch is None:
             acc = self.weight[p.path]
             if acc.device == x.device:
-                acc.addmm_(g.t(), x)  # in place: no [out, in] temporary
+                _addmm_(acc, g.t(), x)  # in place: no [out, in] temporary
             else:
-                acc += (g.t() @ x).to(acc.device)
+                self.host.add_(acc, _mm(g.t(), x))
         else:
             # Output-side units: (g_unit)ᵀ (x S); input-side (o) units: (x_unit)ᵀ (g S). Both are [units, d, k].
-            other = (g if p.input_side else x) @ self.sketch.matrix((g if p.input_side else x).shape[1], x.device)
+            if p.input_side:
+                other = _mm(g, self.sketch.matrix(g.shape[1], g.device, dtype)).to(dtype)
+            else:  # once per input: q/k/v share it
+                other = source.derived(
+                    ("sketch", dtype), lambda: _mm(x, self.sketch.matrix(x.shape[1], x.device, dtype)).to(dtype)
+                )
             split = x if p.input_side else g
             for role in p.roles:
                 acc = self.unit[(p.path, role)]
                 block = split.index_select(1, self._index[(p.path, role)]).t()
                 if acc.device == x.device:
-                    acc.view(-1, acc.shape[-1]).addmm_(block, other)
+                    _addmm_(acc.view(-1, acc.shape[-1]), block, other)
                 else:
-                    acc += (block @ other).view(acc.shape).to(acc.device)
+                    self.host.add_(acc, _mm(block, other).view(acc.shape))
         if p.path in self.bias:
-            self.bias[p.path] += g.sum(0).to(self.bias[p.path].device)
+            bias = self.bias[p.path]
+            total = g_raw.sum(0, dtype=torch.float32)  # from the uncast gradient: exact whatever the GEMM dtype
+            if bias.device == total.device:
+                bias += total
+            else:
+                self.host.add_(bias, total)
         return check
+
+    def flush(self) -> None:
+        """Wait for the offloaded adds in flight (a no-op without ``offload``)."""
+        self.host.flush()
 
     def tensors(self) -> Iterator[torch.Tensor]:
         """Every accumulator tensor, in a fixed order (for all-reduce across processes)."""
+        self.flush()
         for store in (self.weight, self.unit, self.bias):
             for key in sorted(store):
                 yield store[key]
 
     def blocks(self, p: HookedProjection, role: Role) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``([units, n] weight block, [units, head_dim] bias block or None)`` of ``role`` in projection ``p``."""
+        self.flush()
         units, d = self.geometry.units(role), self.geometry.counts.head_dim
         if self.sketch is not None:
             weight = self.unit[(p.path, role)].reshape(units, -1)
@@ -311,6 +459,7 @@ class HookSession:
         self.accumulator, self.taylor = accumulator, taylor
         self.check: list[torch.Tensor] = []
         self._handles: list[Any] = []
+        self._last_input: tuple[weakref.ref, weakref.ref] | None = None  # (input tensor, its HookInput)
 
     def __enter__(self) -> HookSession:
         self._flags = [(param, param.requires_grad) for param in self.model.parameters()]
@@ -332,6 +481,8 @@ class HookSession:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if self.accumulator is not None:
+            self.accumulator.flush()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -343,10 +494,23 @@ class HookSession:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
                 return
-            x = args[0].detach()
+            x = self._shared_input(args[0])
             output.register_hook(lambda g: self.check.append(self.accumulator.add(p, x, g)))
 
         return hook
+
+    def _shared_input(self, x: torch.Tensor) -> HookInput:
+        """The :class:`HookInput` of ``x``: the one of the previous projection when it read the very same tensor
+        (q/k/v run one after the other on the layer's hidden state), else a new one. Held by weak references, so
+        nothing here outlives the backward pass."""
+        if self._last_input is not None and self._last_input[0]() is x:
+            shared = self._last_input[1]()
+            if shared is not None and shared.x is not None:
+                shared.users += 1
+                return shared
+        shared = HookInput(x.detach())
+        self._last_input = (weakref.ref(x), weakref.ref(shared))
+        return shared
 
     def _alias_hook(self, p: HookedProjection):
         def hook(module: nn.Module, args: tuple) -> tuple | None:
@@ -363,7 +527,10 @@ class HookSession:
         return hook
 
     def gradients_finite(self) -> bool:
-        """Whether everything added since the last call was finite (one device sync per batch)."""
+        """Whether everything added since the last call was finite (one device sync per batch, which is also when
+        the offloaded adds in flight are completed)."""
+        if self.accumulator is not None:
+            self.accumulator.flush()
         if not self.check:
             return True
         ok = bool(torch.isfinite(torch.stack([c.to(self.check[0].device) for c in self.check]).sum()))

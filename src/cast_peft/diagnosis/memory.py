@@ -12,14 +12,17 @@ forward/backward pass, i.e. rows per micro-batch x padded length):
 * **weights**: as loaded (NF4: 0.5 byte per decoder-linear parameter plus one fp32 absmax per 64; embeddings, head and
   norms in the compute dtype);
 * **accumulators**: per objective, fp32: exact = the attention projections' weights (+ biases); sketch = ``units x
-  head_dim x sketch_dim`` per role and layer (+ biases); ``offload=True`` keeps them in CPU memory;
+  head_dim x sketch_dim`` per role and layer (+ biases); ``offload=True`` keeps them in CPU memory, plus, for a model
+  on a GPU, each objective's pinned staging buffers (``hooks.HostAdder``: at most ``OFFLOAD_COPIES_IN_FLIGHT`` per
+  result shape);
 * **sketch**: the seeded ``[hidden, sketch_dim]`` fp32 matrix, one per device;
 * **activations**: what autograd and the hooks keep from the forward to the backward pass. The base weights need no
   gradient, so a linear layer saves nothing (bitsandbytes' 4-bit matmul neither); per token and layer: both RMSNorms'
   fp32 input (``2 x 4 h``), the q/k/v input and the o input the hooks keep (``e h + e n d``), SDPA's q/k/v/output
   (``4 e n d``: with a padding mask k/v are repeated per query head) and log-sum-exp, the MLP's gate, SiLU and up outputs (``3 e I``); plus the final norm;
 * **backward**: the largest transient of one layer's backward pass (the MLP's input gradients, the hooks' fp32 copies
-  of ``x`` and ``g`` and, in sketch mode, ``x S``; a dequantized 4-bit weight);
+  of ``x`` and ``g`` and, in sketch mode, ``x S``; a dequantized 4-bit weight). With ``hook_precision="bf16"``
+  (the CUDA default) the hooks' copies are bf16 or none: the fp32 count is kept as an upper bound;
 * **logits**: the logits (``e V N``), their gradient (``e V N``) and the fp32 temporaries of one chunk of the chunked
   cross-entropy (``diagnosis.ablation.row_losses`` never makes a full fp32 copy);
 * **ablation** (``sensitivity="ablation"``): the no-grad forward of ``ablation_chunk`` replicas of a micro-batch, its
@@ -41,7 +44,7 @@ import torch
 from torch import nn
 
 from ..geometry import AttentionGeometry
-from .hooks import execution_device, hooked_projections
+from .hooks import OFFLOAD_COPIES_IN_FLIGHT, execution_device, hooked_projections
 
 
 #: Positions per chunk of the chunked cross-entropy: at most ~32 MiB of fp32 logits per chunk (vocab 128k: 256).
@@ -228,6 +231,7 @@ def plan_diagnosis_memory(
     def slot(name: str) -> dict[str, int]:
         return per.setdefault(name, dict.fromkeys(("accumulators", "sketch", "activations", "backward"), 0))
 
+    staging = 0  # pinned host buffers of the offloaded adds (both objectives), once for all layers
     acc_per_layer = 4 * (shapes.attention_params() if accumulation == "exact" else shapes.sketch_params(sketch_dim))
     for name, count in placement["layers"].items():
         s = slot(name)
@@ -237,8 +241,12 @@ def plan_diagnosis_memory(
             s["backward"] += e * shapes.hidden * max(shapes.intermediate, shapes.hidden)  # one dequantized weight
         acc_device = "cpu" if offload else name
         slot(acc_device)["accumulators"] += 2 * count * acc_per_layer
+        if offload and name != "cpu":
+            staging = max(staging, 2 * OFFLOAD_COPIES_IN_FLIGHT * _staging_bytes(shapes, accumulation, sketch_dim))
         if accumulation == "sketch":
             slot(name)["sketch"] = 4 * shapes.hidden * sketch_dim
+    if staging:
+        slot("cpu")["accumulators"] += staging
     chunk = ce_chunk_positions(shapes.vocab)
     ce_temp = 3 * 4 * min(chunk, tokens) * shapes.vocab  # the chunk in fp32, its exp/softmax, its gradient
     head = slot(head_device)
@@ -281,6 +289,14 @@ def _backward_transient(s: _Shapes, e: int, tokens: int, accumulation: str, sket
     hooks = tokens * 4 * (s.hidden + width + (sketch_dim if accumulation == "sketch" else 0))
     staged = 4 * s.hidden * s.heads * s.head_dim if offload and accumulation == "exact" else 0
     return max(mlp, hooks) + staged
+
+
+def _staging_bytes(s: _Shapes, accumulation: str, sketch_dim: int) -> int:
+    """fp32 bytes of one staging buffer per result shape of one layer (``hooks.HostAdder``): an upper bound, since
+    k and v share a shape."""
+    if accumulation == "exact":
+        return s.attention_params() * 4
+    return s.sketch_params(sketch_dim) * 4
 
 
 def _forward_transient(s: _Shapes, e: int, tokens: int) -> int:

@@ -21,6 +21,7 @@ from ..conflict_map import (
 
 SENSITIVITIES = ("taylor", "ablation")
 ACCUMULATIONS = ("auto", "exact", "sketch")
+HOOK_PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,12 @@ class DiagnosisOptions:
             (exact when the whole planned peak fits; ``diagnosis.memory.plan_diagnosis_memory``).
         offload (`bool`): keep the accumulators in CPU memory.
         sketch_dim (`int`, defaults to 512): columns of the sketch.
+        hook_precision (`str`, defaults to `"auto"`): input precision of the hooks' gradient GEMMs (``gᵀ x``,
+            ``x S``), always with fp32 accumulation into fp32 sums. ``"fp32"``: fp32 inputs (as PyTorch's TF32 flag
+            says; off by default); ``"bf16"``: inputs rounded to bf16 (a no-op for a bf16 model); ``"auto"``: bf16
+            on CUDA devices with native bf16 (compute capability >= 8.0), fp32 elsewhere. Measured on
+            SmolLM2-135M (``benchmarks/results/hook_precision.md``), bf16 inputs move OC far less than the sketch
+            does.
         memory_budget (`int`, *optional*): bytes per device beyond the loaded weights (default: 85% of free).
         ablation_chunk (`int`, defaults to 8): heads ablated per forward pass.
         max_tokens_per_pass (`int | "auto" | None`, defaults to `"auto"`): token budget of one forward/backward
@@ -84,6 +91,10 @@ class DiagnosisOptions:
     )
     offload: bool = field(default=False, metadata={"help": "keep the accumulators in CPU memory"})
     sketch_dim: int = field(default=512, metadata={"help": "columns of the sketch"})
+    hook_precision: str = field(
+        default=HOOK_PRECISIONS[0],
+        metadata={"choices": HOOK_PRECISIONS, "help": "input precision of the hooks' GEMMs (fp32 accumulation)"},
+    )
     memory_budget: int | None = field(default=None, metadata={"help": "bytes per device beyond the weights"})
     ablation_chunk: int = field(default=8, metadata={"help": "heads ablated per forward pass"})
     max_tokens_per_pass: int | str | None = field(default="auto", metadata={"help": "token budget of one pass"})

@@ -83,6 +83,7 @@ _RECORDED_OPTIONS = (
     "offload",
     "sketch_dim",
     "ablation_chunk",
+    "hook_precision",
 )
 OBJECTIVES = ("safety", "utility")
 
@@ -174,10 +175,19 @@ class Diagnosis:
         sketch = opts.sketch_dim if self.mode == "sketch" else None
         self.grads = {
             obj: GradAccumulator(
-                self.projections, self.geometry, sketch_dim=sketch, seed=opts.seed, offload=opts.offload
+                self.projections,
+                self.geometry,
+                sketch_dim=sketch,
+                seed=opts.seed,
+                offload=opts.offload,
+                hook_precision=opts.hook_precision,
             )
             for obj in OBJECTIVES
         }
+        used = {
+            str(device): str(dtype).removeprefix("torch.") for device, dtype in self.grads["safety"].dtypes.items()
+        }
+        self.options["hook_precision_used"] = used  # per device: "auto" differs between CPU and CUDA
         self._o = [p for p in self.projections if p.input_side]
         self.taylor = TaylorAccumulator(self.geometry, self._o[0].name)
         kv_groups = opts.kv_scoring == "separate" and self.geometry.counts.group_size > 1
