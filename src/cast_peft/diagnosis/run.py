@@ -30,8 +30,8 @@ sketch; ``max_tokens_per_pass="auto"`` then splits batches into micro-batches un
 logged before the first pass.
 
 **Precision.** The hooks' GEMMs accumulate in fp32 into fp32 sums; ``hook_precision="auto"`` (default) gives them
-bf16 inputs on CUDA devices with native bf16 (an fp32 GEMM with TF32 off costs about as much as the whole bf16
-forward and backward pass at 8B) and fp32 inputs elsewhere. On SmolLM2-135M bf16 inputs move OC by 1.6e-4 on average
+bf16 inputs on CUDA devices with native bf16 (where fp32 GEMMs with TF32 off run at a fraction of the bf16 rate)
+and fp32 inputs elsewhere. On SmolLM2-135M bf16 inputs move OC by 1.6e-4 on average
 (max 1.0e-3), 1-3% of the sketch's error (``benchmarks/results/hook_precision.md``).
 
 **Processes.** Under ``torch.distributed`` (e.g. ``accelerate launch``) each process takes every ``world_size``-th
