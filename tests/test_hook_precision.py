@@ -167,3 +167,38 @@ def test_offloaded_map_equals_the_map_on_device(accumulation):
         model, None, safety, utility, progress=False, accumulation=accumulation, sketch_dim=16, offload=True
     )
     assert torch.equal(offloaded.oc, kept.oc) and torch.equal(offloaded.fs_signed, kept.fs_signed)
+
+
+def test_shared_inputs_are_dropped_once_their_last_hook_has_run(monkeypatch):
+    from cast_peft.diagnosis import hooks
+
+    made: list[hooks.HookInput] = []
+
+    class Recorded(hooks.HookInput):
+        def __init__(self, x):
+            super().__init__(x)
+            made.append(self)
+
+    monkeypatch.setattr(hooks, "HookInput", Recorded)
+    model = build_tiny_model("llama")
+    run = Diagnosis(model, progress=False, accumulation="sketch", sketch_dim=8)
+    batch = labelled_batches(0, 1)[0]
+    with hooks.HookSession(model, run.projections, run.grads["safety"], None):
+        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.sum()
+        # one per layer for q/k/v and one for o, each held until the backward pass
+        assert len(made) == 2 * model.config.num_hidden_layers
+        assert all(m.x is not None for m in made)
+        loss.backward()
+        # the graph (and its hooks' closures) is still referenced by `loss`; the inputs are gone all the same
+        assert all(m.x is None and m.users == 0 and not m._derived for m in made)
+
+
+def test_bf16_sketch_hooks_run_under_autocast():
+    model = build_tiny_model("qwen2")
+    safety, utility = labelled_batches(0, 2), labelled_batches(50, 2)
+    reference = diagnose(model, None, safety, utility, progress=False, accumulation="sketch", sketch_dim=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cmap = diagnose(
+            model, None, safety, utility, progress=False, accumulation="sketch", sketch_dim=16, hook_precision="bf16"
+        )
+    assert float((cmap.oc - reference.oc).abs().max()) < 0.05  # bf16 forward and hooks vs fp32: same map, roughly
