@@ -262,12 +262,15 @@ def test_cast_step_time_is_within_3_percent_of_lora():
 @needs_bf16
 @pytest.mark.parametrize("accumulation", ["exact", "sketch"])
 def test_bf16_hook_gemms_give_the_fp32_map_within_bf16_rounding(accumulation):
+    from cast_peft.diagnosis.hooks import fp32_output_gemms
+
     model = build_tiny_model("qwen2").to(CUDA)
     safety, utility = labelled_batches(0, 2), labelled_batches(50, 2)
     options = {"progress": False, "accumulation": accumulation, "sketch_dim": 64}
     fp32 = diagnose(model, None, safety, utility, hook_precision="fp32", **options)
     auto = diagnose(model, None, safety, utility, **options)  # "auto" is bf16 on a bf16-capable GPU
     assert auto.metadata["options"]["hook_precision_used"] == {CUDA: "bfloat16"}
+    assert fp32_output_gemms(torch.device(CUDA))  # this torch has the bf16 -> fp32 GEMMs, not the upcast fallback
     error = float((auto.oc - fp32.oc).abs().max())
     assert 0 < error < 2e-2, error
     torch.testing.assert_close(auto.fs_signed, fp32.fs_signed, rtol=1e-4, atol=1e-7)

@@ -30,6 +30,7 @@ the CPU sums through pinned buffers and non-blocking copies (:class:`HostAdder`)
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -145,34 +146,53 @@ class _Sketch:
 
 def hook_dtype(precision: str, device: torch.device) -> torch.dtype:
     """The input dtype of the hooks' GEMMs on ``device`` for ``hook_precision`` (``"auto"``: bf16 on CUDA devices
-    that compute it natively, compute capability >= 8.0; fp32 elsewhere, the CPU included)."""
+    that compute it natively, compute capability >= 8.0, with a torch that has bf16 -> fp32 GEMMs; fp32 elsewhere,
+    the CPU included)."""
     if precision == "auto":
         native = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
-        precision = "bf16" if native else "fp32"
+        precision = "bf16" if native and fp32_output_gemms(device) else "fp32"
     if precision not in ("fp32", "bf16"):
         raise DiagnosisError(f"hook_precision={precision!r}: use 'auto', 'fp32' or 'bf16'.")
     return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+@functools.cache
+def fp32_output_gemms(device: torch.device) -> bool:
+    """Whether ``torch.mm``/``torch.addmm`` take bf16 inputs with an fp32 output (``out_dtype``, accumulating into
+    an fp32 ``out``) on ``device``: CUDA only, and only in recent torch releases (checked against 2.13), so it is
+    tried once, on a 2x2 example, rather than assumed from a version number."""
+    if device.type != "cuda":
+        return False
+    a = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.bfloat16, device=device)
+    acc = torch.ones(2, 2, device=device)
+    try:
+        product = torch.mm(a, a, out_dtype=torch.float32)
+        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+    except (TypeError, RuntimeError):  # no out_dtype keyword, or no such kernel / dtype combination
+        return False
+    expected = torch.tensor([[7.0, 10.0], [15.0, 22.0]], device=device)
+    return bool(torch.equal(product, expected) and torch.equal(acc, expected + 1))
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` as fp32, accumulated in fp32, for fp32 or bf16 ``a`` and ``b``."""
     if a.dtype == torch.float32:
         return a @ b
-    if a.device.type == "cuda":
-        return torch.mm(a, b, out_dtype=torch.float32)  # cuBLAS bf16 -> fp32 (aten::mm.dtype, torch 2.13)
-    # The CPU has no bf16 -> fp32 GEMM kernel. Products of bf16 values are exact in fp32, so this computes the same
-    # numbers as the CUDA kernel (up to summation order).
+    if fp32_output_gemms(a.device):
+        return torch.mm(a, b, out_dtype=torch.float32)  # cuBLAS bf16 x bf16 -> fp32
+    # No bf16 -> fp32 kernel (the CPU). Products of bf16 values are exact in fp32, so this computes the same
+    # numbers as that kernel (up to summation order).
     return a.float() @ b.float()
 
 
 def _addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` in place, fp32 ``acc``, fp32 accumulation (no ``[out, in]`` temporary where avoidable)."""
+    """``acc += a @ b`` in place, fp32 ``acc``, fp32 accumulation, no ``[out, in]`` temporary."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
-    elif a.device.type == "cuda":
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)  # aten::addmm.dtype_out (checked against torch 2.13)
+    elif fp32_output_gemms(a.device):
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
     else:
-        acc.addmm_(a.float(), b.float())  # as in _mm: the same numbers as the CUDA kernel
+        acc.addmm_(a.float(), b.float())  # as in _mm: the same numbers as the bf16 -> fp32 kernel
 
 
 class HookInput:
@@ -280,6 +300,8 @@ class GradAccumulator:
         self.projections, self.geometry = projections, geometry
         self.sketch = _Sketch(sketch_dim, seed) if sketch_dim else None
         self.dtypes = {p.device: hook_dtype(hook_precision, p.device) for p in projections}
+        for device in self.dtypes:
+            fp32_output_gemms(device)  # tried now: the try syncs, which it must not do inside a hook
         self.host = HostAdder()
         self._index = {
             (p.path, role): geometry.role_index(p.name, role).reshape(-1).to(p.device)
