@@ -56,7 +56,8 @@ class DiagnosisOptions:
         hook_precision (`str`, defaults to `"auto"`): input precision of the hooks' gradient GEMMs (``gᵀ x``,
             ``x S``), always with fp32 accumulation into fp32 sums. ``"fp32"``: fp32 inputs (as PyTorch's TF32 flag
             says; off by default); ``"bf16"``: inputs rounded to bf16 (a no-op for a bf16 model); ``"auto"``: bf16
-            on CUDA devices with native bf16 (compute capability >= 8.0), fp32 elsewhere. Measured on
+            on CUDA devices with native bf16 (compute capability >= 8.0) when torch has bf16 -> fp32 GEMMs there
+            (``torch.mm(..., out_dtype=torch.float32)``), fp32 elsewhere. Measured on
             SmolLM2-135M, fp32 model, 16 pairs per objective (``benchmarks/results/hook_precision.md``): bf16 inputs
             move the default OC by 1.6e-4 on average (max 1.0e-3), 1-3% of the sketch-512's error (1.4e-2, max
             5.5e-2), and leave the default skip set unchanged.
