@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._core.errors import DiagnosisError
+from .._core.errors import ConfigError, DiagnosisError
 from ..geometry import ROLES, AttentionGeometry, Role, _feature_counts, name_is_input_side
 
 
@@ -152,7 +152,7 @@ def hook_dtype(precision: str, device: torch.device) -> torch.dtype:
         native = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
         precision = "bf16" if native and fp32_output_gemms(device) else "fp32"
     if precision not in ("fp32", "bf16"):
-        raise DiagnosisError(f"hook_precision={precision!r}: use 'auto', 'fp32' or 'bf16'.")
+        raise ConfigError(f"hook_precision={precision!r}: use 'auto', 'fp32' or 'bf16'.")
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
