@@ -255,3 +255,24 @@ def test_cast_step_time_is_within_3_percent_of_lora():
         step_times(CASTLoraConfig(r=16, lora_alpha=32, target_modules=targets, skip_heads={0: [0, 1], 3: [5]}))
     )
     assert cast / lora <= 1.03, f"CAST step {cast * 1e3:.2f} ms vs LoRA {lora * 1e3:.2f} ms"
+
+
+# ------------------------------------------------------------------------------------------------ CLI defaults (item 7)
+def test_cli_diagnose_runs_on_the_gpu_by_default(tmp_path, capsys):
+    """`cast-peft diagnose` with no --device/--dtype: the model goes to the GPU, in bf16 where it is native."""
+    from models import build_tiny_tokenizer
+
+    from cast_peft.cli import main
+
+    build_tiny_model("llama").save_pretrained(tmp_path / "tiny")
+    build_tiny_tokenizer().save_pretrained(tmp_path / "tiny")
+    weights = sum(p.numel() for p in build_tiny_model("llama").parameters()) * 2  # bytes in 16 bits
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    argv = ["diagnose", "--model", str(tmp_path / "tiny"), "--n-calibration", "4", "--max-length", "32"]
+    assert main([*argv, "--output", str(tmp_path / "d")]) == 0
+    assert torch.cuda.max_memory_allocated() - before >= weights  # the weights (at least) were on the GPU
+    dtype = "bfloat16" if _bf16_capable() else "float16"
+    assert f"device cuda:0, dtype {dtype}" in capsys.readouterr().err  # one GPU: {"": 0}; several: "auto" from 0
+    assert (tmp_path / "d" / "map" / "conflict_map.json").is_file()
