@@ -552,3 +552,14 @@ def test_load_model_checks_the_device_before_reading_anything(tmp_path, monkeypa
         models.load_model(str(tmp_path / "missing"), device="cuda")
     with pytest.raises(models.ConfigError, match="dtype must be"):
         models.load_model(str(tmp_path / "missing"), dtype="float64")
+
+
+@pytest.mark.parametrize(
+    ("gpus", "dtype", "expected"),
+    [([], "auto", (False, False)), ([A100], "auto", (True, False)), ([T4], "auto", (False, True)),
+     ([A100], "float32", (False, False)), ([], "bfloat16", (False, False))],
+)  # fmt: skip
+def test_mixed_precision_follows_the_placement(gpus, dtype, expected):
+    """The Trainer autocasts in the base's 16-bit dtype on a GPU only (bf16/fp16 AMP needs CUDA here)."""
+    precision = models.resolve_device_and_dtype(dtype=dtype, gpus=gpus, env={}).mixed_precision
+    assert (precision["bf16"], precision["fp16"]) == expected

@@ -438,6 +438,13 @@ class Placement:
     dtype: torch.dtype  # of the weights that are not quantized, and the compute dtype of 4-bit layers
     device_map: str | dict[str, Any] | None  # for from_pretrained; None loads on the CPU
 
+    @property
+    def mixed_precision(self) -> dict[str, bool]:
+        """``bf16``/``fp16`` for ``TrainingArguments``: autocast in the base's 16-bit dtype on a GPU (the adapter
+        itself stays fp32); none on the CPU."""
+        on_gpu = self.device.type == "cuda"
+        return {"bf16": on_gpu and self.dtype == torch.bfloat16, "fp16": on_gpu and self.dtype == torch.float16}
+
     def describe(self) -> str:
         """One line for the log: ``device cuda:0, dtype bfloat16, device_map {'': 0}``."""
         return f"device {self.device}, dtype {str(self.dtype).removeprefix('torch.')}, device_map {self.device_map!r}"

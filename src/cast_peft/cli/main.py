@@ -99,8 +99,6 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    import torch
-
     from ..conflict_map import ConflictMap
     from ..training import train_adapter
     from ..tuner.checks import describe_frozen
@@ -122,13 +120,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     else:  # plain LoRA on the same targets: the baseline with the same budget
         config = matching_lora_config(model, **lora_kwargs)
     with output_folder(args.output, **output) as out:
-        # mixed precision in the base's dtype on a GPU (the adapter itself stays fp32); the CPU trains in fp32
-        on_gpu = placement.device.type == "cuda"
-        precision = dict(
-            bf16=on_gpu and placement.dtype == torch.bfloat16, fp16=on_gpu and placement.dtype == torch.float16
-        )
         train_adapter(model, tokenizer, data, config, out, max_steps=args.steps, learning_rate=args.lr,
-                      batch_size=args.batch_size, max_length=args.max_length, seed=args.seed, **precision)  # fmt: skip
+                      batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
+                      **placement.mixed_precision)  # fmt: skip
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     print(f"Adapter written to {Path(args.output) / 'adapter'}")
 
