@@ -471,9 +471,13 @@ def resolve_device_and_dtype(
     ``device``: ``"auto"`` (the GPU when CUDA is present, else the CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``. On
     GPUs, under torchrun/``accelerate launch`` (``LOCAL_RANK`` set) each process loads onto its own GPU; otherwise
     one visible GPU holds the whole model and several share it with ``device_map="auto"`` (accelerate splits the
-    layers across them). ``dtype``: ``"auto"`` is bf16 where every GPU used computes it natively (compute capability
-    >= 8.0), fp16 on older GPUs (never emulated bf16) and fp32 on the CPU; or ``"float32"``, ``"bfloat16"``,
-    ``"float16"`` (or a ``torch.dtype``). Note that transformers' own ``dtype="auto"`` means the checkpoint's dtype.
+    layers across them). A model larger than its one GPU is not offloaded silently: load it in 4 bits, or pass
+    ``device_map="auto"`` to :func:`load_model` yourself (accelerate then keeps the layers that do not fit on the
+    CPU).
+
+    ``dtype``: ``"auto"`` is bf16 where every GPU used computes it natively (compute capability >= 8.0), fp16 on
+    older GPUs (never emulated bf16) and fp32 on the CPU; or ``"float32"``, ``"bfloat16"``, ``"float16"`` (or a
+    ``torch.dtype``). Note that transformers' own ``dtype="auto"`` means the checkpoint's dtype.
 
     ``gpus`` (the compute capability of each visible GPU) and ``env`` (for ``LOCAL_RANK``) default to what torch and
     the process see; pass them to ask about another machine. Raises :class:`ConfigError` for a device that does not
