@@ -119,3 +119,70 @@ def test_diagnose_with_self_targets_caches_the_answers(tiny_dir, tmp_path):
     assert targets[0]["cache"]["hit"] is False and targets[1]["cache"]["hit"] is True
     assert targets[0]["prompts_sha256"] == targets[1]["prompts_sha256"]
     assert first["tensors_sha256"] == second["tensors_sha256"]  # the same answers give the same map
+
+
+def _safetensors_dtypes(folder) -> set[str]:
+    """The tensor dtypes written in a folder's safetensors headers (read from the bytes: 8-byte length, then JSON)."""
+    dtypes = set()
+    for file in folder.glob("*.safetensors"):
+        raw = file.read_bytes()
+        header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+        dtypes |= {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+    return dtypes
+
+
+def test_cli_on_the_cpu_with_explicit_device_and_dtype(tiny_dir, tmp_path):
+    """A real `python -m cast_peft.cli` process: --device cpu --dtype float32 end to end, and the line it logs."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "cast_peft.cli", "diagnose", "--model", str(tiny_dir), "--device", "cpu",
+           "--dtype", "float32", "--n-calibration", "4", "--max-length", "32", "--output", str(tmp_path / "d")]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"Loading {tiny_dir}: device cpu, dtype float32, device_map None" in result.stderr
+    assert (tmp_path / "d" / "map" / "conflict_map.json").is_file()
+
+
+def test_merge_loads_and_saves_in_the_dtype_asked(tiny_dir, tmp_path):
+    common = ["--model", str(tiny_dir), "--max-length", "32"]
+    assert main(["train", *common, "--steps", "1", "--output", str(tmp_path / "t")]) == 0
+    adapter = str(tmp_path / "t" / "adapter")
+    assert main(["merge", "--model", str(tiny_dir), "--adapter", adapter, "--device", "cpu", "--dtype", "bfloat16",
+                 "--output", str(tmp_path / "bf16")]) == 0  # fmt: skip
+    assert _safetensors_dtypes(tmp_path / "bf16") == {"BF16"}
+    if not torch.cuda.is_available():  # --dtype auto on a CPU: fp32, the old default of merge
+        assert main(["merge", "--model", str(tiny_dir), "--adapter", adapter, "--output", str(tmp_path / "auto")]) == 0
+        assert _safetensors_dtypes(tmp_path / "auto") == {"F32"}
+
+
+@pytest.mark.parametrize("command", ["diagnose", "train", "evaluate", "merge", "demo"])
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_device_cuda_without_cuda_fails_before_loading(tmp_path, capsys, command):
+    # the model folder does not exist: the device error comes first, before any data or model is read
+    extra = ["--adapter", str(tmp_path / "no-adapter")] if command == "merge" else []
+    argv = [
+        command,
+        "--model",
+        str(tmp_path / "no-model"),
+        *extra,
+        "--device",
+        "cuda",
+        "--output",
+        str(tmp_path / "o"),
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "needs a CUDA GPU, but torch sees none" in err and "--device cpu" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_device_and_dtype_spellings_are_checked(tmp_path, capsys):
+    assert main(["diagnose", "--device", "gpu0", "--output", str(tmp_path / "o")]) == 2
+    assert "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--dtype", "float64", "--output", str(tmp_path / "o")])
+    assert "invalid choice: 'float64'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

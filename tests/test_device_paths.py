@@ -28,30 +28,17 @@ def _maps_close(got, want, **tolerance) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ item 1
-@pytest.mark.parametrize(("local_rank", "count", "expected"), [(None, 4, 0), ("1", 4, 1), ("3", 4, 3), ("2", 1, 0)])
-def test_4bit_device_map_is_the_local_ranks_gpu(monkeypatch, local_rank, count, expected):
+@pytest.mark.parametrize(("local_rank", "count", "expected"), [("0", 4, 0), ("1", 4, 1), ("3", 4, 3), ("2", 1, 0)])
+def test_4bit_device_map_is_the_local_ranks_gpu(local_rank, count, expected):
     """torchrun/accelerate set LOCAL_RANK: rank r loads onto its own GPU, not GPU 0 (one visible GPU: that one)."""
-    pytest.importorskip("bitsandbytes")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    if local_rank is None:
-        monkeypatch.delenv("LOCAL_RANK", raising=False)
-    else:
-        monkeypatch.setenv("LOCAL_RANK", local_rank)
-    config, device_map = models._bnb_4bit_config(None)
-    assert device_map == {"": expected}
-    assert config.bnb_4bit_compute_dtype == torch.bfloat16
-    assert models._bnb_4bit_config("auto")[1] == "auto"  # the caller's map is kept
+    env = {"LOCAL_RANK": local_rank, "WORLD_SIZE": "4"}
+    placement = models.resolve_device_and_dtype(load_in_4bit=True, gpus=[(8, 0)] * count, env=env)
+    assert placement.device_map == {"": expected} and placement.dtype == torch.bfloat16
 
 
-def test_local_rank_beyond_the_visible_gpus_is_a_clear_error(monkeypatch):
-    pytest.importorskip("bitsandbytes")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setenv("LOCAL_RANK", "3")
+def test_local_rank_beyond_the_visible_gpus_is_a_clear_error():
     with pytest.raises(models.ModelLoadError, match="LOCAL_RANK=3.*device_map"):
-        models._bnb_4bit_config(None)
+        models.resolve_device_and_dtype(load_in_4bit=True, gpus=[(8, 0)] * 2, env={"LOCAL_RANK": "3"})
 
 
 # ------------------------------------------------------------------------------------------------ item 2

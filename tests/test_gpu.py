@@ -335,3 +335,24 @@ def test_offloaded_adds_use_pinned_buffers_and_never_sync_in_a_hook(accumulation
     pinned = sum(b.numel() * b.element_size() for b in buffers)
     accumulators = 2 * sum(t.numel() * t.element_size() for t in run.grads["safety"].tensors())
     assert accumulators + pinned <= plan.devices["cpu"].accumulators
+
+
+# ------------------------------------------------------------------------------------------------ CLI defaults (item 7)
+def test_cli_diagnose_runs_on_the_gpu_by_default(tmp_path, capsys):
+    """`cast-peft diagnose` with no --device/--dtype: the model goes to the GPU, in bf16 where it is native."""
+    from models import build_tiny_tokenizer
+
+    from cast_peft.cli import main
+
+    build_tiny_model("llama").save_pretrained(tmp_path / "tiny")
+    build_tiny_tokenizer().save_pretrained(tmp_path / "tiny")
+    weights = sum(p.numel() for p in build_tiny_model("llama").parameters()) * 2  # bytes in 16 bits
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    argv = ["diagnose", "--model", str(tmp_path / "tiny"), "--n-calibration", "4", "--max-length", "32"]
+    assert main([*argv, "--output", str(tmp_path / "d")]) == 0
+    assert torch.cuda.max_memory_allocated() - before >= weights  # the weights (at least) were on the GPU
+    dtype = "bfloat16" if _bf16_capable() else "float16"
+    assert f"device cuda:0, dtype {dtype}" in capsys.readouterr().err  # one GPU: {"": 0}; several: "auto" from 0
+    assert (tmp_path / "d" / "map" / "conflict_map.json").is_file()

@@ -292,8 +292,11 @@ def test_concurrent_winner_is_kept(tiny_env, monkeypatch):
 def test_load_model_local_folder_and_identity(tiny_env):
     _, _, cache = tiny_env
     path = models.default_model_path(cache)
-    model, tok = models.load_model(str(path), dtype=torch.bfloat16)
-    assert model.dtype == torch.bfloat16
+    if not torch.cuda.is_available():  # the default on a CPU: fp32 on the CPU, as before device/dtype "auto"
+        default, _ = models.load_model(str(path))
+        assert {(p.dtype, p.device.type) for p in default.parameters()} == {(torch.float32, "cpu")}
+    model, tok = models.load_model(str(path), device="cpu", dtype=torch.bfloat16)
+    assert {(p.dtype, p.device.type) for p in model.parameters()} == {(torch.bfloat16, "cpu")}
     assert model.name_or_path == str(path)  # a folder keeps its own path
     ident = models.model_identity(model)
     assert ident["model_type"] == "llama" and ident["name_or_path"] == str(path)
@@ -335,16 +338,16 @@ def test_4bit_without_bitsandbytes_names_the_extra(monkeypatch):
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
     )
-    with pytest.raises(ImportError, match=r"cast-peft\[bnb\]"):
-        models._bnb_4bit_config(None)
+    with pytest.raises(ImportError, match=r"cast-peft\[bnb\]"):  # before the model is read (it does not exist)
+        models.load_model("/nonexistent/model", device="cpu", load_in_4bit=True)
 
 
-def test_4bit_config_on_cpu(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_4bit_config_computes_in_the_resolved_dtype(dtype):
     pytest.importorskip("bitsandbytes")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    config, device_map = models._bnb_4bit_config(None)
+    config = models._bnb_4bit_config(dtype)
     assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4"
-    assert config.bnb_4bit_compute_dtype == torch.float32 and device_map == {"": "cpu"}
+    assert config.bnb_4bit_compute_dtype == dtype
 
 
 @pytest.mark.slow
@@ -460,3 +463,103 @@ def test_concurrent_loads_wait_for_one_conversion(tiny_source, tmp_path, monkeyp
         (target / models._MARKER).write_text("{}")
     waiter.join(timeout=30)
     assert result == [target] and len(calls) == 1
+
+
+# ------------------------------------------------------------------------------------------------ device and dtype
+# resolve_device_and_dtype takes the hardware as facts (compute capability per visible GPU, the launcher's env), so
+# other machines are described here instead of patched into torch.
+A100, T4 = (8, 0), (7, 5)
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype", "gpus", "env", "expected"),
+    [
+        ("auto", "auto", [], {}, ("cpu", FP32, None)),  # CPU: fp32, as load_model always did
+        ("auto", "auto", [A100], {}, ("cuda:0", BF16, {"": 0})),
+        ("auto", "auto", [T4], {}, ("cuda:0", FP16, {"": 0})),  # no bf16 emulation on a T4
+        ("auto", "auto", [A100, A100], {}, ("cuda:0", BF16, "auto")),  # two GPUs: accelerate splits the layers
+        ("auto", "auto", [A100, T4], {}, ("cuda:0", FP16, "auto")),  # the weakest GPU used decides
+        ("auto", "auto", [A100] * 4, {"LOCAL_RANK": "2", "WORLD_SIZE": "4"}, ("cuda:2", BF16, {"": 2})),
+        ("cuda", "auto", [A100] * 4, {"LOCAL_RANK": "1", "WORLD_SIZE": "4"}, ("cuda:1", BF16, {"": 1})),
+        ("auto", "auto", [A100], {"LOCAL_RANK": "3", "WORLD_SIZE": "4"}, ("cuda:0", BF16, {"": 0})),  # 1 GPU/rank
+        ("cuda", "auto", [A100, A100], {}, ("cuda:0", BF16, "auto")),
+        ("cuda:1", "auto", [T4, A100], {}, ("cuda:1", BF16, {"": 1})),
+        ("CPU", "auto", [A100], {}, ("cpu", FP32, None)),
+        ("auto", "float32", [A100], {}, ("cuda:0", FP32, {"": 0})),
+        ("auto", "float16", [], {}, ("cpu", FP16, None)),
+        (torch.device("cpu"), torch.bfloat16, [A100], {}, ("cpu", BF16, None)),
+    ],
+)
+def test_device_and_dtype_defaults_follow_the_hardware(device, dtype, gpus, env, expected):
+    placement = models.resolve_device_and_dtype(device, dtype, gpus=gpus, env=env)
+    assert (str(placement.device), placement.dtype, placement.device_map) == expected
+
+
+@pytest.mark.parametrize(
+    ("device", "gpus", "env", "expected"),
+    [
+        ("auto", [], {}, {"": "cpu"}),  # bitsandbytes quantizes on the CPU only when told to
+        ("auto", [A100] * 4, {}, "auto"),
+        ("auto", [A100] * 4, {"LOCAL_RANK": "3", "WORLD_SIZE": "4"}, {"": 3}),
+        ("cpu", [A100], {}, {"": "cpu"}),
+    ],
+)
+def test_4bit_placement(device, gpus, env, expected):
+    placement = models.resolve_device_and_dtype(device, load_in_4bit=True, gpus=gpus, env=env)
+    assert placement.device_map == expected
+    assert placement.dtype == (BF16 if gpus and device != "cpu" else FP32)  # also the 4-bit compute dtype
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype", "gpus", "env", "match"),
+    [
+        ("cuda", "auto", [], {}, r"needs a CUDA GPU, but torch sees none.*--device cpu"),
+        ("cuda:0", "auto", [], {}, r"needs a CUDA GPU"),
+        ("cuda:3", "auto", [A100], {}, r"'cuda:3' does not exist: this process sees 1 GPU"),
+        ("cuda:0", "auto", [A100] * 2, {"LOCAL_RANK": "1", "WORLD_SIZE": "2"}, r"own GPU; use device 'auto'"),
+        ("auto", "bfloat16", [T4], {}, r"compute capability 7\.5\) only emulates it.*'float16'"),
+        ("gpu", "auto", [A100], {}, r"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', not 'gpu'"),
+        ("auto", "float64", [], {}, r"dtype must be 'auto', 'float32', 'bfloat16', 'float16'"),
+        ("auto", torch.int8, [], {}, r"dtype must be"),
+    ],
+)
+def test_impossible_device_or_dtype_is_a_config_error(device, dtype, gpus, env, match):
+    with pytest.raises(models.ConfigError, match=match):
+        models.resolve_device_and_dtype(device, dtype, gpus=gpus, env=env)
+
+
+def test_hardware_facts_default_to_what_torch_sees(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    if not torch.cuda.is_available():  # this machine, unpatched
+        assert models.visible_gpus() == []
+        assert models.resolve_device_and_dtype() == models.Placement(torch.device("cpu"), FP32, None)
+    # torch's answers (patched: torch's functions, not ours) on a two-T4 machine
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: T4)
+    assert models.visible_gpus() == [T4, T4]
+    placement = models.resolve_device_and_dtype()
+    assert (placement.device, placement.dtype, placement.device_map) == (torch.device("cuda", 0), FP16, "auto")
+    assert placement.describe() == "device cuda:0, dtype float16, device_map 'auto'"
+
+
+def test_load_model_checks_the_device_before_reading_anything(tmp_path, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("checks a CPU-only machine")
+    # the folder does not exist: a device error rather than FileNotFoundError shows the check came first
+    with pytest.raises(models.ConfigError, match="needs a CUDA GPU"):
+        models.load_model(str(tmp_path / "missing"), device="cuda")
+    with pytest.raises(models.ConfigError, match="dtype must be"):
+        models.load_model(str(tmp_path / "missing"), dtype="float64")
+
+
+@pytest.mark.parametrize(
+    ("gpus", "dtype", "expected"),
+    [([], "auto", (False, False)), ([A100], "auto", (True, False)), ([T4], "auto", (False, True)),
+     ([A100], "float32", (False, False)), ([], "bfloat16", (False, False))],
+)  # fmt: skip
+def test_mixed_precision_follows_the_placement(gpus, dtype, expected):
+    """The Trainer autocasts in the base's 16-bit dtype on a GPU only (bf16/fp16 AMP needs CUDA here)."""
+    precision = models.resolve_device_and_dtype(dtype=dtype, gpus=gpus, env={}).mixed_precision
+    assert (precision["bf16"], precision["fp16"]) == expected

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -24,16 +25,18 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ._core.errors import ModelLoadError
+from ._core.errors import ConfigError, ModelLoadError
 from ._core.io import sha256_file
 
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _MARKER = ".cast_peft_complete.json"
@@ -303,7 +306,8 @@ def _check_config(config: Any, expected: dict[str, Any], where: Path) -> None:
 def load_model(
     name_or_path: str | Path | None = None,
     *,
-    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
     load_in_4bit: bool = False,
     device_map: str | dict[str, Any] | None = None,
     cache_dir: str | Path | None = None,
@@ -311,13 +315,21 @@ def load_model(
     """Load ``(model, tokenizer)``: the embedded default (``None`` or :data:`DEFAULT_MODEL`), a folder, a hub id, or
     a ``.gguf`` file (or a folder holding one), converted once into the cache by :func:`gguf_model_path`.
 
-    Weights are read from safetensors only and remote code is never trusted. ``load_in_4bit`` quantizes the base to
-    NF4 with bitsandbytes (compute dtype fp32 on CPU, bf16 on CUDA), by default on this process's GPU
-    (:func:`local_cuda_index`: each torchrun/accelerate rank on its own). The tokenizer gets ``pad_token =
-    eos_token`` when it has none; the padding side is left to the caller.
+    ``device`` and ``dtype`` are resolved by :func:`resolve_device_and_dtype` before anything is read: by default
+    the GPU when CUDA is present (each torchrun/accelerate rank its own, all visible GPUs through ``device_map="auto"``
+    otherwise) in bf16 where the GPU computes it natively (compute capability >= 8.0), else fp16; fp32 on a CPU. An
+    explicit ``device_map`` replaces the resolved one. ``load_in_4bit`` quantizes the base to NF4 with bitsandbytes,
+    computing in the resolved dtype. Weights are read from safetensors only and remote code is never trusted. The
+    tokenizer gets ``pad_token = eos_token`` when it has none; the padding side is left to the caller.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if device_map in ("cpu", {"": "cpu"}) and device == "auto":  # the caller's CPU map: the CPU's dtype too
+        device = "cpu"
+    placement = resolve_device_and_dtype(device, dtype, load_in_4bit=load_in_4bit)
+    if device_map is not None:
+        placement = replace(placement, device_map=device_map)
+    quantization = _bnb_4bit_config(placement.dtype) if load_in_4bit else None  # bitsandbytes missing: fail now
     is_default = name_or_path is None or str(name_or_path) == DEFAULT_MODEL
     source = str(default_model_path(cache_dir)) if is_default else os.path.expanduser(str(name_or_path))
     gguf = None if is_default else _gguf_file(Path(source))
@@ -328,11 +340,12 @@ def load_model(
         raise FileNotFoundError(f"{name_or_path!r} is not a model folder (nor a hub id like 'org/name').")
     if is_local and not any(Path(source).glob("*.safetensors")):
         raise ModelLoadError(f"{source} has no *.safetensors weights; cast-peft loads safetensors only.")
-    kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "trust_remote_code": False}
-    if load_in_4bit:
-        kwargs["quantization_config"], device_map = _bnb_4bit_config(device_map)
-    if device_map is not None:
-        kwargs["device_map"] = device_map
+    kwargs: dict[str, Any] = {"dtype": placement.dtype, "use_safetensors": True, "trust_remote_code": False}
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    if placement.device_map is not None:
+        kwargs["device_map"] = placement.device_map
+    logger.info("Loading %s: %s", name_or_path or DEFAULT_MODEL, placement.describe())
     try:  # the config first: one small file, so an unreachable hub fails after one round of retries
         config = AutoConfig.from_pretrained(source, trust_remote_code=False)
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
@@ -396,10 +409,13 @@ def local_cuda_index() -> int:
 
     With one visible GPU per process (a launcher that sets ``CUDA_VISIBLE_DEVICES`` per rank) that GPU is used.
     """
-    count = torch.cuda.device_count()
     local_rank = os.environ.get("LOCAL_RANK")
     if local_rank is None:
         return torch.cuda.current_device()
+    return _rank_gpu(local_rank, torch.cuda.device_count())
+
+
+def _rank_gpu(local_rank: str, count: int) -> int:
     if int(local_rank) < count:
         return int(local_rank)
     if count == 1:
@@ -410,20 +426,126 @@ def local_cuda_index() -> int:
     )
 
 
-def _bnb_4bit_config(device_map: Any) -> tuple[Any, Any]:
-    """NF4 config and device map for a bitsandbytes 4-bit base."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_NATIVE_BF16 = (8, 0)  # Ampere and newer; older GPUs (T4 = 7.5, V100 = 7.0) only emulate bf16
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where :func:`load_model` puts a model and in which dtype (see :func:`resolve_device_and_dtype`)."""
+
+    device: torch.device  # where inputs go: the model's only device, or the first one of a device_map="auto" split
+    dtype: torch.dtype  # of the weights that are not quantized, and the compute dtype of 4-bit layers
+    device_map: str | dict[str, Any] | None  # for from_pretrained; None loads on the CPU
+
+    @property
+    def mixed_precision(self) -> dict[str, bool]:
+        """``bf16``/``fp16`` for ``TrainingArguments``: autocast in the base's 16-bit dtype on a GPU (the adapter
+        itself stays fp32); none on the CPU."""
+        on_gpu = self.device.type == "cuda"
+        return {"bf16": on_gpu and self.dtype == torch.bfloat16, "fp16": on_gpu and self.dtype == torch.float16}
+
+    def describe(self) -> str:
+        """One line for the log: ``device cuda:0, dtype bfloat16, device_map {'': 0}``."""
+        return f"device {self.device}, dtype {str(self.dtype).removeprefix('torch.')}, device_map {self.device_map!r}"
+
+
+def visible_gpus() -> list[tuple[int, int]]:
+    """The compute capability ``(major, minor)`` of each GPU this process sees; empty without CUDA."""
+    if not torch.cuda.is_available():
+        return []
+    return [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+
+
+def resolve_device_and_dtype(
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    *,
+    load_in_4bit: bool = False,
+    gpus: list[tuple[int, int]] | None = None,
+    env: dict[str, str] | None = None,
+) -> Placement:
+    """The device, dtype and ``device_map`` for loading a model on this machine: the one place for these defaults
+    (:func:`load_model`, the command line and the notebooks use it).
+
+    ``device``: ``"auto"`` (the GPU when CUDA is present, else the CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``. On
+    GPUs, under torchrun/``accelerate launch`` (``LOCAL_RANK`` set) each process loads onto its own GPU; otherwise
+    one visible GPU holds the whole model and several share it with ``device_map="auto"`` (accelerate splits the
+    layers across them). A model larger than its one GPU is not offloaded silently: load it in 4 bits, or pass
+    ``device_map="auto"`` to :func:`load_model` yourself (accelerate then keeps the layers that do not fit on the
+    CPU).
+
+    ``dtype``: ``"auto"`` is bf16 where every GPU used computes it natively (compute capability >= 8.0), fp16 on
+    older GPUs (never emulated bf16) and fp32 on the CPU; or ``"float32"``, ``"bfloat16"``, ``"float16"`` (or a
+    ``torch.dtype``). Note that transformers' own ``dtype="auto"`` means the checkpoint's dtype.
+
+    ``gpus`` (the compute capability of each visible GPU) and ``env`` (for ``LOCAL_RANK``) default to what torch and
+    the process see; pass them to ask about another machine. Raises :class:`ConfigError` for a device that does not
+    exist here or bf16 on a GPU without it, before anything is loaded.
+    """
+    gpus = visible_gpus() if gpus is None else list(gpus)
+    env = os.environ if env is None else env
+    name = str(device).strip().lower()
+    if name not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", name):
+        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', not {device!r}.")
+    if name.startswith("cuda") and not gpus:
+        raise ConfigError(
+            f"device {name!r} needs a CUDA GPU, but torch sees none here (torch.cuda.is_available() is False: a "
+            "CPU-only torch build, no NVIDIA driver, or CUDA_VISIBLE_DEVICES hides them). Use device 'cpu' or "
+            "'auto' (command line: --device cpu)."
+        )
+    distributed = env.get("LOCAL_RANK") is not None
+    used: list[int] = []
+    device_map: str | dict[str, Any] | None = None
+    if name == "cpu" or not gpus:
+        device_map = {"": "cpu"} if load_in_4bit else None  # bitsandbytes quantizes on the GPU unless told
+    elif name.startswith("cuda:"):
+        index = int(name.split(":")[1])
+        if index >= len(gpus):
+            raise ConfigError(
+                f"device {name!r} does not exist: this process sees {len(gpus)} GPU(s), cuda:0 to cuda:{len(gpus) - 1} "
+                "(check CUDA_VISIBLE_DEVICES), or use device 'auto'."
+            )
+        if distributed and int(env.get("WORLD_SIZE", "1")) > 1:  # every rank on one GPU breaks DDP (issue 14 item 1)
+            raise ConfigError(
+                f"device {name!r} under torchrun/accelerate launch (LOCAL_RANK={env['LOCAL_RANK']}): each process "
+                "loads onto its own GPU; use device 'auto' or 'cuda'."
+            )
+        used, device_map = [index], {"": index}
+    elif distributed:
+        index = _rank_gpu(env["LOCAL_RANK"], len(gpus))
+        used, device_map = [index], {"": index}
+    elif len(gpus) > 1:
+        used, device_map = list(range(len(gpus))), "auto"
+    else:
+        used, device_map = [0], {"": 0}
+    if isinstance(dtype, str) and dtype.strip().lower() == "auto":
+        native = all(gpus[i] >= _NATIVE_BF16 for i in used)
+        resolved = torch.float32 if not used else (torch.bfloat16 if native else torch.float16)
+    else:
+        resolved = DTYPES.get(dtype.strip().lower()) if isinstance(dtype, str) else dtype
+        if resolved not in DTYPES.values():
+            raise ConfigError(
+                f"dtype must be 'auto', {', '.join(map(repr, DTYPES))} (or a torch dtype), not {dtype!r}."
+            )
+    old = [f"cuda:{i} (compute capability {gpus[i][0]}.{gpus[i][1]})" for i in used if gpus[i] < _NATIVE_BF16]
+    if resolved is torch.bfloat16 and old:
+        raise ConfigError(
+            f"bfloat16 was asked for, but {', '.join(old)} only emulates it (slowly); bf16 needs compute capability "
+            ">= 8.0. Use dtype 'float16' or 'float32', or 'auto' (float16 on this GPU)."
+        )
+    return Placement(torch.device("cuda", used[0]) if used else torch.device("cpu"), resolved, device_map)
+
+
+def _bnb_4bit_config(compute_dtype: torch.dtype) -> Any:
+    """NF4 config for a bitsandbytes 4-bit base computing in ``compute_dtype``."""
     import importlib.util
 
     from transformers import BitsAndBytesConfig
 
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ImportError("load_in_4bit=True needs bitsandbytes: pip install 'cast-peft[bnb]'")
-    on_cpu = not torch.cuda.is_available() or device_map in ("cpu", {"": "cpu"})
-    if device_map is None:  # each process on its own GPU: under torchrun every rank on GPU 0 breaks DDP
-        device_map = {"": "cpu"} if on_cpu else {"": local_cuda_index()}
-    compute = torch.float32 if on_cpu else torch.bfloat16
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
-    return config, device_map
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
 
 
 _VOLATILE_KEYS = {"_name_or_path", "name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache"}

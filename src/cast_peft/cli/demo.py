@@ -22,8 +22,10 @@ from typing import Any
 
 def run_demo(out: Path, *, model_name: str | None = None, quick: bool = False, steps: int | None = None,
              skip_ratio: float = 0.1, seed: int = 0, safety_only: bool = False,
-             final_dir: Path | None = None) -> dict[str, Any]:  # fmt: skip
-    """Run the demo into ``out`` and return the summary rows (also written to ``out/results.json``)."""
+             final_dir: Path | None = None, device: str = "auto", dtype: str = "auto") -> dict[str, Any]:  # fmt: skip
+    """Run the demo into ``out`` and return the summary rows (also written to ``out/results.json``).
+
+    ``device`` and ``dtype`` place every model the demo loads (`cast_peft.models.resolve_device_and_dtype`)."""
     from ..data import starter_set
     from ..diagnosis.run import diagnose
     from ..evaluation.suite import evaluate_model, summary_row
@@ -45,7 +47,7 @@ def run_demo(out: Path, *, model_name: str | None = None, quick: bool = False, s
         print(f"[{time.time() - started:6.0f}s] {message}", flush=True)
 
     log(f"Loading {model_name or 'the embedded SmolLM2-135M-Instruct (converted once from its GGUF)'}")
-    model, tokenizer = load_model(model_name)
+    model, tokenizer = load_model(model_name, device=device, dtype=dtype)
     log(f"Diagnosing {model.config.num_hidden_layers} layers x {model.config.num_attention_heads} heads on "
         f"{n_calibration} safety + {n_calibration} utility pairs")  # fmt: skip
     cmap = diagnose(model, tokenizer, safety_train[:n_calibration], utility_train[:n_calibration], batch_size=8,
@@ -66,7 +68,7 @@ def run_demo(out: Path, *, model_name: str | None = None, quick: bool = False, s
     regime = "safety-only SFT" if safety_only else "safety SFT mixed with benign instruction pairs"
     for name, config in configs.items():
         log(f"Training {name.upper()} for {steps} steps on {len(train)} pairs ({regime})")
-        fresh, _ = load_model(model_name)
+        fresh, _ = load_model(model_name, device=device, dtype=dtype)
         peft_model = train_adapter(fresh, tokenizer, train, config, out / name, max_steps=steps,
                                    learning_rate=1e-3, batch_size=8, max_length=128, seed=seed, logging_steps=10,
                                    disable_tqdm=True)  # fmt: skip

@@ -20,7 +20,7 @@ from typing import Any
 
 from .._core.errors import AdapterError, CastError
 from .._core.io import output_folder, prepare_output
-from ..models import DEFAULT_MODEL
+from ..models import DEFAULT_MODEL, DTYPES
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
@@ -50,10 +50,20 @@ def load_prompts(source: str, kind: str, split: str, limit: int | None = None) -
     return [row["prompt"] for row in rows][:limit] if limit else [row["prompt"] for row in rows]
 
 
-def _load_model(args: argparse.Namespace, **kwargs: Any) -> tuple[Any, Any]:
+def _placement(args: argparse.Namespace) -> Any:
+    """Resolve ``--device``/``--dtype``/``--load-in-4bit`` on this machine (a `ConfigError` here, before any work)."""
+    from ..models import resolve_device_and_dtype
+
+    return resolve_device_and_dtype(args.device, args.dtype, load_in_4bit=getattr(args, "load_in_4bit", False))
+
+
+def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
     from .default_model import load_cli_model
 
-    return load_cli_model(args.model, load_in_4bit=getattr(args, "load_in_4bit", False), **kwargs)
+    placement = _placement(args)
+    print(f"Loading {args.model}: {placement.describe()}", file=sys.stderr, flush=True)
+    return load_cli_model(args.model, device=args.device, dtype=args.dtype,
+                          load_in_4bit=getattr(args, "load_in_4bit", False))  # fmt: skip
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -66,6 +76,7 @@ def _write_json(path: Path, data: Any) -> None:
 def cmd_diagnose(args: argparse.Namespace) -> None:
     from ..diagnosis import DiagnosisOptions, diagnose
 
+    _placement(args)
     output = _output(args, args.model, args.safety, args.utility)
     safety = load_examples(args.safety, "safety", "train", args.n_calibration)
     targets: Any = "data"
@@ -93,6 +104,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from ..tuner.checks import describe_frozen
     from ..tuner.config import CASTLoraConfig, matching_lora_config
 
+    placement = _placement(args)
     output = _output(args, args.model, args.data, args.mix_utility, args.conflict_map)
     data = load_examples(args.data, "safety", "train")
     if args.mix_utility:
@@ -109,7 +121,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         config = matching_lora_config(model, **lora_kwargs)
     with output_folder(args.output, **output) as out:
         train_adapter(model, tokenizer, data, config, out, max_steps=args.steps, learning_rate=args.lr,
-                      batch_size=args.batch_size, max_length=args.max_length, seed=args.seed)  # fmt: skip
+                      batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
+                      **placement.mixed_precision)  # fmt: skip
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     print(f"Adapter written to {Path(args.output) / 'adapter'}")
 
@@ -119,6 +132,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     from ..evaluation.suite import evaluate_model, summary_row
 
+    _placement(args)
     output = _output(args, args.model, args.adapter, args.harmful, args.safe, args.helpful)
     cast_config = _read_adapter_config(args.adapter) if args.adapter else None
     harmful = load_prompts(args.harmful, "safety", "test", args.limit)
@@ -157,12 +171,12 @@ def _check_adapter_base(cast_config: Any, model: Any) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
-    import torch
     from peft import PeftModel
 
+    _placement(args)
     output = _output(args, args.model, args.adapter)
     cast_config = _read_adapter_config(args.adapter)
-    model, tokenizer = _load_model(args, dtype=getattr(torch, args.dtype))
+    model, tokenizer = _load_model(args)  # merged, and saved, in --dtype
     _check_adapter_base(cast_config, model)
     merged = PeftModel.from_pretrained(model, args.adapter).merge_and_unload()
     with output_folder(args.output, **output) as out:
@@ -174,10 +188,11 @@ def cmd_merge(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
+    _placement(args)
     output = _output(args, args.model)
     with output_folder(args.output, **output) as out:
         run_demo(out, model_name=args.model, quick=args.quick, safety_only=args.safety_only, steps=args.steps, skip_ratio=args.skip_ratio, seed=args.seed,
-                 final_dir=Path(args.output))  # fmt: skip
+                 final_dir=Path(args.output), device=args.device, dtype=args.dtype)  # fmt: skip
     print(f"\nDemo report: {Path(args.output) / 'report.md'}")
 
 
@@ -233,10 +248,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0)
         return p
 
+    def placement_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--device", default="auto",
+                       help="auto (default: the GPU when CUDA is present, all visible GPUs via device_map='auto', "
+                            "each torchrun/accelerate rank its own; else the CPU), cpu, cuda or cuda:N")  # fmt: skip
+        p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
+                       help="weights and compute dtype; auto (default): bfloat16 on GPUs with compute capability "
+                            ">= 8.0, float16 on older ones, float32 on the CPU")  # fmt: skip
+
     def model_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", default=DEFAULT_MODEL,
                        help=f"local folder, .gguf file, hub id (needs the hub) or {DEFAULT_MODEL!r} (embedded, offline; default)")  # fmt: skip
-        p.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes NF4 base (QLoRA)")
+        placement_args(p)
+        p.add_argument(
+            "--load-in-4bit", action="store_true", help="bitsandbytes NF4 base (QLoRA), computing in --dtype"
+        )
         p.add_argument("--batch-size", type=_COUNT, default=option["batch_size"].default)
         p.add_argument("--max-length", type=_COUNT, default=option["max_length"].default)
 
@@ -283,10 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--adapter", required=True)
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    placement_args(p)  # the base is loaded, merged and saved in --dtype
 
     p = command("demo", cmd_demo, "End to end on the embedded model: diagnose, train CAST and LoRA, evaluate, report.")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model to align (default: the embedded SmolLM2)")
+    placement_args(p)
     p.add_argument("--quick", action="store_true", help="a few steps and prompts (smoke test, minutes)")
     p.add_argument("--steps", type=_COUNT, default=None, help="training steps per adapter (default 30; --quick: 3)")
     p.add_argument("--safety-only", action="store_true", help="train on harmful -> refusal pairs only (harsh case)")
