@@ -146,6 +146,14 @@ def test_cli_on_the_cpu_with_explicit_device_and_dtype(tiny_dir, tmp_path):
     assert (tmp_path / "d" / "map" / "conflict_map.json").is_file()
 
 
+def test_diagnose_passes_the_hook_precision(tiny_dir, tmp_path):
+    out = tmp_path / "d"
+    argv = ["diagnose", "--model", str(tiny_dir), "--device", "cpu", "--n-calibration", "4", "--max-length", "32"]
+    assert main([*argv, "--hook-precision", "bf16", "--output", str(out)]) == 0
+    options = json.loads((out / "map" / "conflict_map.json").read_text())["metadata"]["options"]
+    assert options["hook_precision"] == "bf16" and options["hook_precision_used"] == {"cpu": "bfloat16"}
+
+
 def test_merge_loads_and_saves_in_the_dtype_asked(tiny_dir, tmp_path):
     common = ["--model", str(tiny_dir), "--max-length", "32"]
     assert main(["train", *common, "--steps", "1", "--output", str(tmp_path / "t")]) == 0

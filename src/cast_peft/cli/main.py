@@ -90,7 +90,8 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
     model, tokenizer = _load_model(args)
     with output_folder(args.output, **output) as out:
         options = DiagnosisOptions(batch_size=args.batch_size, max_length=args.max_length,
-                                   sensitivity=args.sensitivity, kv_scoring=args.kv_scoring, seed=args.seed)  # fmt: skip
+                                   sensitivity=args.sensitivity, kv_scoring=args.kv_scoring,
+                                   hook_precision=args.hook_precision, seed=args.seed)  # fmt: skip
         cmap = diagnose(model, tokenizer, safety, utility, options, utility_targets=targets)
         cmap.save(out / "map")
         cmap.plot(out / "conflict_map.png", skip_ratio=args.skip_ratio)
@@ -280,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --utility-targets self: folder caching the answers (reused on a match)")  # fmt: skip
     diagnosis_option(p, "sensitivity")
     diagnosis_option(p, "kv_scoring")
+    diagnosis_option(p, "hook_precision")
     p.add_argument("--skip-ratio", type=_RATIO, default=DEFAULT_SKIP_RATIO, help="fraction of heads listed as skipped")
 
     p = command("train", cmd_train, "Safety SFT with a CAST adapter (--conflict-map) or plain LoRA (baseline).")
