@@ -52,7 +52,16 @@ class HeadMaskedLinear(nn.Linear):
             return
         if self.weight_mask.device != self.weight.device:
             self.weight_mask = self.weight_mask.to(self.weight.device)
-        self.weight.mul_(self.weight_mask)
+        mask = self.weight_mask
+        mesh = getattr(self.weight, "device_mesh", None)
+        if mesh is not None:
+            # FSDP2 (fully_shard) keeps the weight as a sharded DTensor outside forward, e.g. when a sharded
+            # checkpoint is loaded; a plain mask cannot multiply it, the same mask replicated on its mesh can
+            # (each rank then masks its own rows, no communication). Checked with torch 2.13.
+            from torch.distributed.tensor import DTensor, Replicate
+
+            mask = DTensor.from_local(mask, mesh, [Replicate()] * mesh.ndim, run_check=False)
+        self.weight.mul_(mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight * self.weight_mask, self.bias)

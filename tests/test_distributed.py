@@ -1,0 +1,133 @@
+"""CAST LoRA under sharded training: FSDP2 (``fully_shard``), accelerate's FSDP plugin and HF Trainer's ``fsdp``.
+
+One 2-process gloo run of tests/_fsdp_worker.py (CPU). What each mode is on CPU here, checked below:
+
+* torch FSDP2 ``fully_shard`` shards the CAST PeftModel (DTensor parameters) and trains;
+* accelerate (1.15) applies no FSDP on CPU: ``Accelerator(fsdp_plugin=...)`` and the Trainer's ``fsdp`` both keep
+  ``MULTI_CPU`` and wrap the model in DDP, without an error. Those runs are checked like the FSDP2 one.
+
+The references are independent of cast-peft: the base model rebuilt from its seed, head slices from the tiny Llama's
+shape (4 query heads of 8 features, 2 KV heads), deltas recomputed as ``B @ A * alpha / r`` from the gathered weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from models import build_tiny_model
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from cast_peft import verify_frozen_heads
+
+
+SKIP = {0: [1], 1: [0, 3]}  # as in _fsdp_worker.py
+HEAD_DIM, HEADS, KV_HEADS, SCALING = 8, 4, 2, 8 / 4
+PREFIX = "base_model.model."
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp-gloo")
+    worker = Path(__file__).with_name("_fsdp_worker.py")
+    src = Path(__file__).resolve().parents[1] / "src"  # the checkout's cast_peft, also in the child processes
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(src), str(Path(__file__).parent)])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29553",
+               str(worker), str(out)]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=280)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out
+
+
+def _deltas(state: dict[str, torch.Tensor]) -> dict[tuple[int, str], torch.Tensor]:
+    """``{(layer, projection): B @ A * scaling}`` recomputed from the LoRA factors in ``state``."""
+    out = {}
+    for layer in range(2):
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            stem = f"{PREFIX}model.layers.{layer}.self_attn.{proj}"
+            a, b = state[f"{stem}.lora_A.default.weight"], state[f"{stem}.lora_B.default.weight"]
+            out[layer, proj] = b @ a * SCALING
+    return out
+
+
+def _assert_skipped_zero_and_others_moved(state: dict[str, torch.Tensor]) -> None:
+    for (layer, proj), delta in _deltas(state).items():
+        heads = KV_HEADS if proj in ("k_proj", "v_proj") else HEADS
+        for head in range(heads):
+            part = slice(head * HEAD_DIM, (head + 1) * HEAD_DIM)
+            piece = delta[:, part] if proj == "o_proj" else delta[part]
+            # The skip set freezes no KV head (2 query heads per KV head, never both skipped): k/v all train.
+            if proj in ("q_proj", "o_proj") and head in SKIP[layer]:
+                assert torch.count_nonzero(piece) == 0, (layer, proj, head)
+            else:
+                assert torch.count_nonzero(piece) == piece.numel(), (layer, proj, head)  # it trained
+
+
+def _assert_base_untouched(state: dict[str, torch.Tensor], base: torch.nn.Module) -> None:
+    reference = base.state_dict()
+    names = [n for n in state if "lora_" not in n]
+    assert len(names) == len(reference)
+    for name in names:
+        plain = name.removeprefix(PREFIX).replace(".base_layer.", ".")
+        assert torch.equal(state[name], reference[plain]), name
+
+
+def test_fsdp2_sharded_cast_lora_keeps_skipped_heads_exact(fsdp_run):
+    info = [json.loads((fsdp_run / f"fsdp2-rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(i["param_classes"] == ["DTensor"] and i["world_size"] == 2 for i in info), info  # really sharded
+    state = torch.load(fsdp_run / "fsdp2.pt", weights_only=True)
+    _assert_base_untouched(state, build_tiny_model("llama"))
+    _assert_skipped_zero_and_others_moved(state)
+
+
+def test_fsdp2_adapter_saved_from_gathered_state_reloads_with_masks(fsdp_run):
+    state = torch.load(fsdp_run / "fsdp2.pt", weights_only=True)
+    saved = load_file(fsdp_run / "adapter" / "adapter_model.safetensors")
+    lora = {n: t for n, t in state.items() if "lora_" in n}
+    assert len(saved) == len(lora)
+    for name, tensor in lora.items():  # the file holds exactly the trained factors (peft drops the adapter name)
+        assert torch.equal(saved[name.replace(".default.", ".")], tensor), name
+    base = build_tiny_model("llama")
+    reloaded = PeftModel.from_pretrained(build_tiny_model("llama"), fsdp_run / "adapter", is_trainable=True)
+    report = verify_frozen_heads(reloaded, reference=base)
+    assert report["checked_factors"] == 4 and report["checked_base_entries"] > 0
+    # Merged skipped slices are the base's bits; the rest of the merge is W + B @ A * scaling.
+    merged = reloaded.merge_and_unload().state_dict()
+    deltas = _deltas(lora)
+    for (layer, proj), delta in deltas.items():
+        name = f"model.layers.{layer}.self_attn.{proj}.weight"
+        w = base.state_dict()[name]
+        torch.testing.assert_close(merged[name], w + delta, rtol=0, atol=1e-6)
+        if proj in ("q_proj", "o_proj"):
+            for head in SKIP[layer]:
+                part = slice(head * HEAD_DIM, (head + 1) * HEAD_DIM)
+                mine, theirs = (
+                    (merged[name][:, part], w[:, part]) if proj == "o_proj" else (merged[name][part], w[part])
+                )
+                assert torch.equal(mine, theirs), (layer, proj, head)
+
+
+def test_fsdp2_sharded_checkpoint_round_trip_is_bit_exact(fsdp_run):
+    """torch.distributed.checkpoint save of the sharded state, load into a fresh sharded CAST model (post-load hooks
+    run on DTensor weights there), gathered again: every tensor equals the trained one."""
+    before = torch.load(fsdp_run / "fsdp2.pt", weights_only=True)
+    after = torch.load(fsdp_run / "fsdp2-reloaded.pt", weights_only=True)
+    assert before.keys() == after.keys()
+    for name, tensor in before.items():
+        assert torch.equal(tensor, after[name]), name
+
+
+@pytest.mark.parametrize("mode", ["accelerate", "trainer"])
+def test_accelerate_fsdp_request_on_cpu_keeps_skipped_heads_exact(mode, fsdp_run):
+    info = [json.loads((fsdp_run / f"{mode}-rank{r}.json").read_text()) for r in (0, 1)]
+    # accelerate 1.15 on CPU: AcceleratorState switches to FSDP only for accelerator devices, so the FSDP request
+    # runs as DDP. If this changes (FSDP on CPU), the run below is the sharded path and the checks still apply.
+    assert {i["wrapper"] for i in info} <= {"DistributedDataParallel", "FSDPPeftModel"}, info
+    assert all(i["world_size"] == 2 for i in info)
+    _assert_skipped_zero_and_others_moved(torch.load(fsdp_run / f"{mode}.pt", weights_only=True))
