@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import build_tiny_model
-from peft import PeftModel
+from models import build_tiny_model, tiny_batch
+from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
-from cast_peft import verify_frozen_heads
+from cast_peft import CASTLoraConfig, verify_frozen_heads
 
 
 SKIP = {0: [1], 1: [0, 3]}  # as in _fsdp_worker.py
@@ -84,6 +84,26 @@ def test_fsdp2_sharded_cast_lora_keeps_skipped_heads_exact(fsdp_run):
     state = torch.load(fsdp_run / "fsdp2.pt", weights_only=True)
     _assert_base_untouched(state, build_tiny_model("llama"))
     _assert_skipped_zero_and_others_moved(state)
+    # What the checks said on the sharded model, every rank: the same as on an unsharded CAST model of this shape
+    # (4 masked factors; q rows and o columns of 3 skipped heads: 3 * 8 * 4 entries of B or A each, 3 * 8 * 32 base
+    # entries each); the counts of effective parameters come from the full shapes, not the local shards.
+    masked = 2 * 3 * HEAD_DIM * 4
+    for rank in (0, 1):
+        checks = json.loads((fsdp_run / f"fsdp2-checks-rank{rank}.json").read_text())
+        for when in ("trained", "reloaded", "accelerate-fsdp2"):
+            assert checks[when] == {"checked_factors": 4, "masked_entries": masked, "checked_base_entries": 1536}
+        trainable = sum(t.numel() for n, t in state.items() if "lora_" in n)
+        assert checks["effective"] == {"trainable": trainable, "effective": trainable - masked, "masked": masked}
+
+
+def test_accelerate_fsdp2_preparation_with_cpu_ram_efficient_loading(fsdp_run):
+    """accelerate's FSDP2 path (run on GPUs; driven directly here): the model goes to `meta` and rank 0's weights are
+    broadcast into the shards; the head masks (non-persistent buffers) survive and skipped heads stay exact."""
+    info = [json.loads((fsdp_run / f"accelerate-fsdp2-rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(i["param_classes"] == ["DTensor"] for i in info), info
+    state = torch.load(fsdp_run / "accelerate-fsdp2.pt", weights_only=True)
+    _assert_base_untouched(state, build_tiny_model("llama"))  # rank 0's base (seed 0) on every shard
+    _assert_skipped_zero_and_others_moved(state)
 
 
 def test_fsdp2_adapter_saved_from_gathered_state_reloads_with_masks(fsdp_run):
@@ -121,6 +141,35 @@ def test_fsdp2_sharded_checkpoint_round_trip_is_bit_exact(fsdp_run):
     assert before.keys() == after.keys()
     for name, tensor in before.items():
         assert torch.equal(tensor, after[name]), name
+
+
+def test_fsdp2_sharded_load_zeroes_skipped_rows_of_a_nonzero_checkpoint(fsdp_run):
+    """A sharded checkpoint whose layer-0 q lora_B is all ones: after loading, head 1's rows (8..15) are 0."""
+    loaded = torch.load(fsdp_run / "fsdp2-ones.pt", weights_only=True)
+    expected = torch.ones(HEADS * HEAD_DIM, 4)
+    expected[1 * HEAD_DIM : 2 * HEAD_DIM] = 0
+    assert torch.equal(loaded, expected)
+
+
+def test_meta_device_init_then_load_restores_head_masks():
+    """torch's FSDP2 recipe for large models: build on `meta`, ``to_empty``, load the weights. ``to_empty`` leaves
+    buffers with arbitrary values (here: nothing masked, the worst case); the load must bring the masks back."""
+    config = CASTLoraConfig(r=4, lora_alpha=8, skip_heads=SKIP)
+    model = get_peft_model(build_tiny_model("llama"), config)
+    weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    model.to("meta").to_empty(device="cpu")
+    for name, buffer in model.named_buffers():
+        buffer.fill_(True if name.endswith("weight_mask") else 0)
+    model.load_state_dict(weights, strict=True)
+    model.base_model.model.model.rotary_emb.inv_freq.copy_(build_tiny_model("llama").model.rotary_emb.inv_freq)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    for step in range(3):
+        model(**tiny_batch(seed=step)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    state = {name: tensor.detach() for name, tensor in model.state_dict().items()}
+    _assert_skipped_zero_and_others_moved(state)
+    assert verify_frozen_heads(model, reference=build_tiny_model("llama"))["checked_factors"] == 4
 
 
 @pytest.mark.parametrize("mode", ["accelerate", "trainer"])

@@ -42,6 +42,11 @@ class HeadMaskedLinear(nn.Linear):
         # would hold no values, so it stays on the CPU until zero_masked_ (run after every load) moves it along.
         device = linear.weight.device if linear.weight.device.type != "meta" else torch.device("cpu")
         self.register_buffer("weight_mask", mask.to(device=device, dtype=torch.bool), persistent=False)
+        # The mask's values, out of reach of Module.to/to_empty: meta-device initialisation (accelerate's FSDP2
+        # cpu_ram_efficient_loading moves the whole model to `meta`, loads, and only then restores buffers; torch's
+        # recipe calls to_empty before loading) leaves the buffer without its values at load time; zero_masked_
+        # rebuilds it from here.
+        self._mask_values = mask.detach().to(device="cpu", dtype=torch.bool).clone()
         self.zero_masked_()
         self.register_load_state_dict_post_hook(_zero_masked_after_load)
 
@@ -50,8 +55,9 @@ class HeadMaskedLinear(nn.Linear):
         """Set the masked slice of the weight to exactly zero (and keep the mask on the weight's device)."""
         if self.weight.device.type == "meta":
             return
-        if self.weight_mask.device != self.weight.device:
-            self.weight_mask = self.weight_mask.to(self.weight.device)
+        # Rebuilt on every load: after `to_empty` (torch's meta-device recipe for FSDP2) the buffer holds arbitrary
+        # values on the right device.
+        self.weight_mask = self._mask_values.to(self.weight.device)
         mask = self.weight_mask
         mesh = getattr(self.weight, "device_mesh", None)
         if mesh is not None:
