@@ -453,11 +453,11 @@ def _dist_rank_world() -> tuple[int, int]:
         # none on CPU unless cpu=True (accelerate 1.15). Without one the batches cannot be split.
         warnings.warn(
             f"WORLD_SIZE={launched} but torch.distributed is not initialized, so each of the {launched} processes "
-            "diagnoses every batch (the same map, for that many times the work). Start the process group before "
+            f"diagnoses every batch: the same map at {launched} times the work. Start the process group before "
             "diagnosing: `accelerate.PartialState()` (`PartialState(cpu=True)` on CPU) or "
             "`torch.distributed.init_process_group()`.",
             CastWarning,
-            stacklevel=2,
+            stacklevel=1,  # this line: Python's default filter then shows it once per process
         )
     return 0, 1
 
