@@ -29,7 +29,7 @@ class HeadMaskedLinear(nn.Linear):
 
     It shares the ``Parameter`` of the factor it replaces, so optimizers, peft's ``requires_grad`` handling and the
     state dict (``lora_B.<adapter>.weight``) see the same tensor as with plain LoRA. The mask is a non-persistent
-    buffer: checkpoints stay plain LoRA.
+    buffer (checkpoints stay plain LoRA), rebuilt from a CPU copy after every load.
     """
 
     def __init__(self, linear: nn.Linear, mask: torch.Tensor):
@@ -57,7 +57,7 @@ class HeadMaskedLinear(nn.Linear):
             return
         # Rebuilt on every load: after `to_empty` (torch's meta-device recipe for FSDP2) the buffer holds arbitrary
         # values on the right device.
-        self.weight_mask = self._mask_values.to(self.weight.device)
+        self.weight_mask = self._mask_values.to(self.weight.device, copy=True)  # never an alias of the source
         mask = self.weight_mask
         mesh = getattr(self.weight, "device_mesh", None)
         if mesh is not None:
