@@ -2,12 +2,16 @@
 
 One 2-process gloo run of tests/_fsdp_worker.py (CPU). What each mode is on CPU here, checked below:
 
-* torch FSDP2 ``fully_shard`` shards the CAST PeftModel (DTensor parameters) and trains;
+* torch FSDP2 ``fully_shard`` shards the CAST PeftModel (DTensor parameters) and trains; ``verify_frozen_heads`` runs
+  on the sharded model, the adapter is saved from the gathered state and reopened in one process, and a sharded
+  ``torch.distributed.checkpoint`` round trip is bit-exact;
+* accelerate's FSDP2 preparation (``fsdp2_prepare_model``, the GPU path) with ``cpu_ram_efficient_loading``;
 * accelerate (1.15) applies no FSDP on CPU: ``Accelerator(fsdp_plugin=...)`` and the Trainer's ``fsdp`` both keep
   ``MULTI_CPU`` and wrap the model in DDP, without an error. Those runs are checked like the FSDP2 one.
 
-The references are independent of cast-peft: the base model rebuilt from its seed, head slices from the tiny Llama's
-shape (4 query heads of 8 features, 2 KV heads), deltas recomputed as ``B @ A * alpha / r`` from the gathered weights.
+Plus, in one process, torch's meta-device recipe (``to_empty`` then load). The references are independent of
+cast-peft: the base model rebuilt from its seed, head slices from the tiny Llama's shape (4 query heads of 8 features,
+2 KV heads), deltas recomputed as ``B @ A * alpha / r`` from the gathered weights.
 """
 
 from __future__ import annotations
