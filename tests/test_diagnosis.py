@@ -386,8 +386,8 @@ def _launch(launcher: str, out: Path) -> list[str]:
     if launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 str(worker), str(out)]  # fmt: skip
-    # accelerate 1.15: `--cpu` (or `use_cpu: true`) takes its single-process launcher unless mpirun is configured,
-    # so 2 CPU processes come from the multi-GPU launcher (torch.distributed.run); the worker's
+    # accelerate 1.15: `--cpu` or `distributed_type: MULTI_CPU` start ONE process (its simple launcher) unless mpirun is
+    # configured, so 2 CPU processes come from the multi-GPU launcher (torch.distributed.run); the worker's
     # PartialState(cpu=True) then picks gloo. A config file of our own keeps a user's default config out.
     config = out / "accelerate.yaml"
     config.write_text(
