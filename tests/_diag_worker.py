@@ -1,13 +1,18 @@
-"""Multi-process diagnosis worker: ``torchrun --standalone --nproc_per_node 2 tests/_diag_worker.py OUT``.
+"""Multi-process diagnosis worker: ``torchrun --standalone --nproc_per_node 2 tests/_diag_worker.py OUT``, or the same
+through ``accelerate launch --multi_gpu --num_processes 2`` (on CPU that is torch.distributed.run too).
 
-Each process joins the group through accelerate (``PartialState(cpu=True)``: gloo on CPU, as under
-``accelerate launch``), diagnoses the same tiny model on the same batches (sharded by the diagnosis) and saves its
-map to ``OUT/rank<r>``. The test compares those maps with a single-process run of :func:`inputs`.
+Each process first diagnoses before any process group exists (the launcher set ``WORLD_SIZE`` only): it saves that
+map to ``OUT/alone<r>`` and the warnings it got to ``OUT/alone<r>.txt``. Then it joins the group through accelerate
+(``PartialState(cpu=True)``: gloo on CPU), diagnoses the same tiny model on the same batches (sharded by the
+diagnosis) and saves its map to ``OUT/rank<r>``. The test compares those maps with a single-process run of
+:func:`inputs`.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -41,9 +46,15 @@ def inputs():
 def main(out: str) -> None:
     from accelerate import PartialState
 
-    state = PartialState(cpu=True)
     from cast_peft.diagnosis import diagnose
 
+    model, safety, utility = inputs()
+    rank = os.environ["RANK"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        diagnose(model, None, safety, utility, **OPTIONS).save(Path(out) / f"alone{rank}")
+    (Path(out) / f"alone{rank}.txt").write_text("\n".join(str(w.message) for w in caught))
+    state = PartialState(cpu=True)
     model, safety, utility = inputs()
     cmap = diagnose(model, None, safety, utility, **OPTIONS)
     cmap.save(Path(out) / f"rank{state.process_index}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -379,21 +380,29 @@ def test_bad_input_is_refused_clearly():
 
 
 # ------------------------------------------------------------------------------------------------ multi-process
-@pytest.mark.slow
-def test_two_processes_give_the_single_process_map(tmp_path):
+def _launch(launcher: str, out: Path) -> list[str]:
+    """The command that starts 2 CPU processes of tests/_diag_worker.py with ``launcher``."""
     worker = Path(__file__).with_name("_diag_worker.py")
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(worker),
-        str(tmp_path),
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=170)
-    assert done.returncode == 0, done.stderr[-3000:]
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                str(worker), str(out)]  # fmt: skip
+    # accelerate 1.15: `--cpu` or `distributed_type: MULTI_CPU` start ONE process (its simple launcher) unless mpirun is
+    # configured, so 2 CPU processes come from the multi-GPU launcher (torch.distributed.run); the worker's
+    # PartialState(cpu=True) then picks gloo. A config file of our own keeps a user's default config out.
+    config = out / "accelerate.yaml"
+    config.write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_machines: 1\nnum_processes: 2\n"
+        "main_process_port: 29557\nmixed_precision: 'no'\nuse_cpu: false\n"
+    )
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), str(worker), str(out)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_two_processes_give_the_single_process_map(launcher, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(_launch(launcher, tmp_path), env=env, capture_output=True, text=True, timeout=170)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     model, safety, utility = inputs()
     single = diagnose(model, None, safety, utility, **OPTIONS)
     maps = [ConflictMap.load(tmp_path / f"rank{r}") for r in range(2)]
@@ -406,6 +415,16 @@ def test_two_processes_give_the_single_process_map(tmp_path):
         assert reduced == {k: v for k, v in data.items() if k != "mean_loss"}
     assert maps[0].metadata["world_size"] == 2
     assert maps[0].select(skip_k=3) == single.select(skip_k=3)
+    # Before the process group existed, each process diagnosed every batch alone (the single-process map, bit for
+    # bit) and was told how to split the work.
+    for rank in range(2):
+        alone = ConflictMap.load(tmp_path / f"alone{rank}")
+        assert alone.metadata["world_size"] == 1
+        for name, tensor in single.tensors().items():
+            assert torch.equal(alone.tensors()[name], tensor), name
+        message = (tmp_path / f"alone{rank}.txt").read_text()
+        assert "WORLD_SIZE=2 but torch.distributed is not initialized" in message, message
+        assert "PartialState(cpu=True)" in message
 
 
 # ------------------------------------------------------------------------------------------------ options

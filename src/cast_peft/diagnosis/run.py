@@ -47,7 +47,9 @@ import dataclasses
 import hashlib
 import logging
 import math
+import os
 import sys
+import warnings
 from collections.abc import Iterable, Mapping
 from importlib import metadata as importlib_metadata
 from typing import Any
@@ -55,7 +57,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._core.errors import DiagnosisError
+from .._core.errors import CastWarning, DiagnosisError
 from ..conflict_map import (
     ConflictMap,
 )
@@ -460,6 +462,18 @@ def _dist_rank_world() -> tuple[int, int]:
 
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
+    launched = os.environ.get("WORLD_SIZE", "1")
+    if launched.isdigit() and int(launched) > 1:
+        # torchrun / accelerate launch set WORLD_SIZE but start no process group; accelerate's PartialState() starts
+        # none on CPU unless cpu=True (accelerate 1.15). Without one the batches cannot be split.
+        warnings.warn(
+            f"WORLD_SIZE={launched} but torch.distributed is not initialized, so each of the {launched} processes "
+            f"diagnoses every batch: the same map at {launched} times the work. Start the process group before "
+            "diagnosing: `accelerate.PartialState()` (`PartialState(cpu=True)` on CPU) or "
+            "`torch.distributed.init_process_group()`.",
+            CastWarning,
+            stacklevel=1,  # this line: Python's default filter then shows it once per process
+        )
     return 0, 1
 
 

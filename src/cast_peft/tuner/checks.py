@@ -162,6 +162,8 @@ def verify_frozen_heads(
     skipped heads) fails, as does a model holding no CAST adapter at all. With ``reference`` (the base model or its
     state dict), the base weights' (and biases') frozen slices are also compared with it bit for bit.
 
+    Under FSDP2 (``fully_shard``) call it on every rank: sharded weights are gathered one at a time (a collective).
+
     Returns ``{"checked_factors", "masked_entries", "checked_base_entries"}``.
     """
     configs = {"config": config} if config is not None else _cast_configs(model)
@@ -194,9 +196,15 @@ def verify_frozen_heads(
         for factors in (layer.lora_A, layer.lora_B):
             for adapter, factor in factors.items():
                 if isinstance(factor, HeadMaskedLinear) and (adapter not in configs):
-                    masked += _check_zero(factor.weight, ~factor.weight_mask.expand_as(factor.weight), name, adapter)
+                    weight = _whole(factor.weight)
+                    masked += _check_zero(weight, ~factor.weight_mask.expand_as(weight), name, adapter)
                     checked += 1
     return {"checked_factors": checked, "masked_entries": masked, "checked_base_entries": base_entries}
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself, or gathered when it is a sharded DTensor (FSDP2): indexing a DTensor with a plain mask fails."""
+    return tensor if getattr(tensor, "placements", None) is None else tensor.full_tensor()
 
 
 def _check_zero(weight: torch.Tensor, off: torch.Tensor, path: str, adapter: str) -> int:
@@ -213,15 +221,16 @@ def _check_lora_layer(module: nn.Module, adapter: str, config: Any, path: str) -
     enabled, side = config.feature_mask(path)
     factors = module.lora_B if side == "out" else module.lora_A
     factor = factors[adapter]
-    expected = (enabled[:, None] if side == "out" else enabled[None, :]).expand_as(factor.weight)
+    weight = _whole(factor.weight)
+    expected = (enabled[:, None] if side == "out" else enabled[None, :]).expand_as(weight)
     if not isinstance(factor, HeadMaskedLinear) or not torch.equal(
-        factor.weight_mask.expand_as(factor.weight).cpu(), expected
+        factor.weight_mask.expand_as(weight).cpu(), expected
     ):
         raise FrozenHeadsError(
             f"{path} adapter {adapter!r} is a CAST adapter skipping {int((~enabled).sum())} features here, but its "
             "head mask is missing or differs from its config, so training would move skipped heads. " + _REOPEN
         )
-    return 1, _check_zero(factor.weight, ~expected, path, adapter)
+    return 1, _check_zero(weight, ~expected, path, adapter)
 
 
 def _compare_base(
@@ -234,6 +243,7 @@ def _compare_base(
         tensor, expected = getattr(base, kind, None), reference.get((ref.layer, ref.name, kind))
         if tensor is None or expected is None:
             continue
+        tensor = _whole(tensor)
         if not tensor.is_floating_point() or tensor.shape != expected.shape:
             raise FrozenHeadsError(
                 f"{path}.{kind} ({tensor.dtype}, {tuple(tensor.shape)}) cannot be compared with the reference "

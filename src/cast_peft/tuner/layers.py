@@ -29,7 +29,7 @@ class HeadMaskedLinear(nn.Linear):
 
     It shares the ``Parameter`` of the factor it replaces, so optimizers, peft's ``requires_grad`` handling and the
     state dict (``lora_B.<adapter>.weight``) see the same tensor as with plain LoRA. The mask is a non-persistent
-    buffer: checkpoints stay plain LoRA.
+    buffer (checkpoints stay plain LoRA), rebuilt from a CPU copy after every load.
     """
 
     def __init__(self, linear: nn.Linear, mask: torch.Tensor):
@@ -42,6 +42,11 @@ class HeadMaskedLinear(nn.Linear):
         # would hold no values, so it stays on the CPU until zero_masked_ (run after every load) moves it along.
         device = linear.weight.device if linear.weight.device.type != "meta" else torch.device("cpu")
         self.register_buffer("weight_mask", mask.to(device=device, dtype=torch.bool), persistent=False)
+        # The mask's values, out of reach of Module.to/to_empty: meta-device initialisation (accelerate's FSDP2
+        # cpu_ram_efficient_loading moves the whole model to `meta`, loads, and only then restores buffers; torch's
+        # recipe calls to_empty before loading) leaves the buffer without its values at load time; zero_masked_
+        # rebuilds it from here.
+        self._mask_values = mask.detach().to(device="cpu", dtype=torch.bool).clone()
         self.zero_masked_()
         self.register_load_state_dict_post_hook(_zero_masked_after_load)
 
@@ -50,9 +55,19 @@ class HeadMaskedLinear(nn.Linear):
         """Set the masked slice of the weight to exactly zero (and keep the mask on the weight's device)."""
         if self.weight.device.type == "meta":
             return
-        if self.weight_mask.device != self.weight.device:
-            self.weight_mask = self.weight_mask.to(self.weight.device)
-        self.weight.mul_(self.weight_mask)
+        # Rebuilt on every load: after `to_empty` (torch's meta-device recipe for FSDP2) the buffer holds arbitrary
+        # values on the right device.
+        self.weight_mask = self._mask_values.to(self.weight.device, copy=True)  # never an alias of the source
+        mask = self.weight_mask
+        mesh = getattr(self.weight, "device_mesh", None)
+        if mesh is not None:
+            # FSDP2 (fully_shard) keeps the weight as a sharded DTensor outside forward, e.g. when a sharded
+            # checkpoint is loaded; a plain mask cannot multiply it, the same mask replicated on its mesh can
+            # (each rank then masks its own rows, no communication). Checked with torch 2.13.
+            from torch.distributed.tensor import DTensor, Replicate
+
+            mask = DTensor.from_local(mask, mesh, [Replicate()] * mesh.ndim, run_check=False)
+        self.weight.mul_(mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight * self.weight_mask, self.bias)
