@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from models import build_tiny_model, build_tiny_tokenizer
 
+from cast_peft import ConflictMap
 from cast_peft.cli import main
 from cast_peft.models import load_model
 
@@ -194,3 +199,44 @@ def test_device_and_dtype_spellings_are_checked(tmp_path, capsys):
         main(["train", "--dtype", "float64", "--output", str(tmp_path / "o")])
     assert "invalid choice: 'float64'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------------------------------- launched
+def _launched(launcher: str, port: int, argv: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    """`cast-peft ARGV` on 2 CPU processes, started by torchrun or by accelerate launch (its multi-GPU launcher: on
+    CPU, accelerate 1.15's `--cpu` starts one process)."""
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(src)}
+    if launcher == "torchrun":
+        head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m"]
+    else:
+        config = tmp_path / "accelerate.yaml"
+        config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_machines: 1\n"
+                          f"num_processes: 2\nmain_process_port: {port}\nmixed_precision: 'no'\nuse_cpu: false\n")  # fmt: skip
+        head = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m"]
+    return subprocess.run([*head, "cast_peft.cli", *argv], env=env, capture_output=True, text=True, timeout=280)
+
+
+@pytest.mark.slow
+def test_diagnose_under_accelerate_launch_writes_the_single_process_map_once(tiny_dir, tmp_path):
+    argv = ["diagnose", "--model", str(tiny_dir), "--device", "cpu", "--n-calibration", "6", "--max-length", "32"]
+    done = _launched("accelerate", 29561, [*argv, "--output", str(tmp_path / "d")], tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert main([*argv, "--output", str(tmp_path / "single")]) == 0
+    launched, single = ConflictMap.load(tmp_path / "d" / "map"), ConflictMap.load(tmp_path / "single" / "map")
+    assert launched.metadata["world_size"] == 2  # the batches were split, not diagnosed twice
+    for name, tensor in single.tensors().items():
+        torch.testing.assert_close(launched.tensors()[name], tensor, rtol=1e-5, atol=1e-9)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["accelerate.yaml", "d", "single"]  # no leftovers
+    assert done.stdout.count("Conflict map written to") == 1
+
+
+@pytest.mark.slow
+def test_train_under_torchrun_writes_one_adapter(tiny_dir, tmp_path):
+    argv = ["train", "--model", str(tiny_dir), "--device", "cpu", "--steps", "2", "--batch-size", "2",
+            "--max-length", "32", "--output", str(tmp_path / "t")]  # fmt: skip
+    done = _launched("torchrun", 29563, argv, tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == [".cast_peft_output.json", "adapter"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]
+    assert done.stdout.count("Adapter written to") == 1

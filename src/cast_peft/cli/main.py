@@ -9,12 +9,15 @@ output (or none) whole. ``--overwrite`` replaces only a folder cast-peft wrote; 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
+import os
 import shutil
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,41 @@ def _output(args: argparse.Namespace, *inputs: str | None) -> dict[str, Any]:
     output = dict(overwrite=args.overwrite, inputs=[i for i in inputs if i])
     prepare_output(args.output, **output)
     return {"command": f"cast-peft {args.command}", **output}
+
+
+def _launch_rank() -> int:
+    """This process's rank under a multi-process launch (``torchrun``, ``accelerate launch``: ``RANK``), else 0."""
+    rank = os.environ.get("RANK", "0")
+    return int(rank) if rank.isdigit() else 0
+
+
+def _join_launch(placement: Any) -> None:
+    """Under a multi-process launch, start the process group (accelerate's ``PartialState``: NCCL on GPUs, gloo on
+    CPU) so that ``diagnose`` splits the batches between the processes instead of each doing all of them."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1:
+        from accelerate import PartialState
+
+        PartialState(cpu=placement.device.type == "cpu")
+
+
+@contextlib.contextmanager
+def _written(target: str, output: dict[str, Any]) -> Iterator[Path]:
+    """`output_folder` on rank 0 (or a single process). Under a multi-process launch every rank computes the result
+    (its share of the collective work), but only rank 0 writes it: the others get a temporary folder that is
+    removed, so no two processes swap a folder into ``target``."""
+    if _launch_rank() == 0:
+        with output_folder(target, **output) as out:
+            yield out
+    else:
+        with tempfile.TemporaryDirectory(prefix="cast-peft-rank") as tmp:
+            yield Path(tmp)
+
+
+def _report(message: str) -> None:
+    """Print the command's closing line once per launch (rank 0 writes the output)."""
+    if _launch_rank() == 0:
+        print(message)
 
 
 def load_examples(source: str, kind: str, split: str, limit: int | None = None) -> list[dict | str]:
@@ -76,7 +114,7 @@ def _write_json(path: Path, data: Any) -> None:
 def cmd_diagnose(args: argparse.Namespace) -> None:
     from ..diagnosis import DiagnosisOptions, diagnose
 
-    _placement(args)
+    placement = _placement(args)
     output = _output(args, args.model, args.safety, args.utility)
     safety = load_examples(args.safety, "safety", "train", args.n_calibration)
     targets: Any = "data"
@@ -87,8 +125,9 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
         targets = SelfTargets(max_new_tokens=args.self_target_tokens, cache_dir=args.self_target_cache)
     else:
         utility = load_examples(args.utility, "utility", "train", args.n_calibration)
+    _join_launch(placement)
     model, tokenizer = _load_model(args)
-    with output_folder(args.output, **output) as out:
+    with _written(args.output, output) as out:
         options = DiagnosisOptions(batch_size=args.batch_size, max_length=args.max_length,
                                    sensitivity=args.sensitivity, kv_scoring=args.kv_scoring,
                                    hook_precision=args.hook_precision, seed=args.seed)  # fmt: skip
@@ -96,7 +135,7 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
         cmap.save(out / "map")
         cmap.plot(out / "conflict_map.png", skip_ratio=args.skip_ratio)
         _write_json(out / "skip_heads.json", cmap.select(skip_ratio=args.skip_ratio))
-    print(f"Conflict map written to {args.output} (map/, conflict_map.png, skip_heads.json)")
+    _report(f"Conflict map written to {args.output} (map/, conflict_map.png, skip_heads.json)")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -120,12 +159,12 @@ def cmd_train(args: argparse.Namespace) -> None:
         describe_frozen(config)  # what exactly stays frozen: q rows, o columns, and k/v only of frozen KV heads
     else:  # plain LoRA on the same targets: the baseline with the same budget
         config = matching_lora_config(model, **lora_kwargs)
-    with output_folder(args.output, **output) as out:
+    with _written(args.output, output) as out:  # train_adapter saves on rank 0 only
         train_adapter(model, tokenizer, data, config, out, max_steps=args.steps, learning_rate=args.lr,
                       batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
                       **placement.mixed_precision)  # fmt: skip
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    print(f"Adapter written to {Path(args.output) / 'adapter'}")
+    _report(f"Adapter written to {Path(args.output) / 'adapter'}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -145,10 +184,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         model = PeftModel.from_pretrained(model, args.adapter)
     results = evaluate_model(model, tokenizer, harmful, safe, helpful, max_new_tokens=args.max_new_tokens,
                              batch_size=args.batch_size)  # fmt: skip
-    with output_folder(args.output, **output) as out:
+    with _written(args.output, output) as out:  # launched on several processes, each evaluates everything
         _write_json(out / "results.json", results)
         _write_json(out / "summary.json", summary_row(results))
-    print(json.dumps(summary_row(results), indent=2))
+    _report(json.dumps(summary_row(results), indent=2))
 
 
 def _read_adapter_config(adapter: str) -> Any:
@@ -180,10 +219,10 @@ def cmd_merge(args: argparse.Namespace) -> None:
     model, tokenizer = _load_model(args)  # merged, and saved, in --dtype
     _check_adapter_base(cast_config, model)
     merged = PeftModel.from_pretrained(model, args.adapter).merge_and_unload()
-    with output_folder(args.output, **output) as out:
+    with _written(args.output, output) as out:
         merged.save_pretrained(out)
         tokenizer.save_pretrained(out)
-    print(f"Merged model written to {args.output}")
+    _report(f"Merged model written to {args.output}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
