@@ -104,7 +104,10 @@ def test_the_installed_wheel_diagnoses_without_the_repository(tmp_path):
     # plain path: its .pth files (among them the editable install of this checkout) are not processed there.
     here = next(p for p in sys.path if p.endswith("site-packages") and Path(p, "torch").is_dir())
     Path(site, "deps.pth").write_text(here + "\n")
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True)
+    # Neither pip nor the script may see this checkout: a PYTHONPATH to its src/ makes pip take cast-peft as installed.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "CAST_DATA_DIR")}
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True,
+                   env=env)  # fmt: skip
     script = textwrap.dedent(
         """
         import sys, torch, cast_peft
@@ -127,7 +130,6 @@ def test_the_installed_wheel_diagnoses_without_the_repository(tmp_path):
     )
     run_dir = tmp_path / "elsewhere"
     run_dir.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "CAST_DATA_DIR")}
     result = subprocess.run(
         [str(python), "-c", script], cwd=run_dir, env=env, capture_output=True, text=True, timeout=600
     )
