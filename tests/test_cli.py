@@ -7,10 +7,10 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from launch import launch_two
 from models import build_tiny_model, build_tiny_tokenizer
 
 from cast_peft import ConflictMap
@@ -138,9 +138,6 @@ def _safetensors_dtypes(folder) -> set[str]:
 
 def test_cli_on_the_cpu_with_explicit_device_and_dtype(tiny_dir, tmp_path):
     """A real `python -m cast_peft.cli` process: --device cpu --dtype float32 end to end, and the line it logs."""
-    import os
-    import subprocess
-    import sys
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "cast_peft.cli", "diagnose", "--model", str(tiny_dir), "--device", "cpu",
@@ -202,26 +199,11 @@ def test_device_and_dtype_spellings_are_checked(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------------- launched
-def _launched(launcher: str, port: int, argv: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    """`cast-peft ARGV` on 2 CPU processes, started by torchrun or by accelerate launch (its multi-GPU launcher: on
-    CPU, accelerate 1.15's `--cpu` starts one process)."""
-    src = Path(__file__).resolve().parents[1] / "src"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(src)}
-    if launcher == "torchrun":
-        head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m"]
-    else:
-        config = tmp_path / "accelerate.yaml"
-        config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_machines: 1\n"
-                          f"num_processes: 2\nmain_process_port: {port}\nmixed_precision: 'no'\nuse_cpu: false\n")  # fmt: skip
-        head = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m"]
-    return subprocess.run([*head, "cast_peft.cli", *argv], env=env, capture_output=True, text=True, timeout=280)
-
-
 @pytest.mark.slow
 def test_diagnose_under_accelerate_launch_writes_the_single_process_map_once(tiny_dir, tmp_path):
     argv = ["diagnose", "--model", str(tiny_dir), "--device", "cpu", "--n-calibration", "6", "--max-length", "32"]
-    done = _launched("accelerate", 29561, [*argv, "--output", str(tmp_path / "d")], tmp_path)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = launch_two(["-m", "cast_peft.cli", *argv, "--output", str(tmp_path / "d")], port=29561,
+                      launcher="accelerate", scratch=tmp_path)  # fmt: skip
     assert main([*argv, "--output", str(tmp_path / "single")]) == 0
     launched, single = ConflictMap.load(tmp_path / "d" / "map"), ConflictMap.load(tmp_path / "single" / "map")
     assert launched.metadata["world_size"] == 2  # the batches were split, not diagnosed twice
@@ -235,8 +217,7 @@ def test_diagnose_under_accelerate_launch_writes_the_single_process_map_once(tin
 def test_train_under_torchrun_writes_one_adapter(tiny_dir, tmp_path):
     argv = ["train", "--model", str(tiny_dir), "--device", "cpu", "--steps", "2", "--batch-size", "2",
             "--max-length", "32", "--output", str(tmp_path / "t")]  # fmt: skip
-    done = _launched("torchrun", 29563, argv, tmp_path)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = launch_two(["-m", "cast_peft.cli", *argv], port=29563)
     assert sorted(p.name for p in (tmp_path / "t").iterdir()) == [".cast_peft_output.json", "adapter"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]
     assert done.stdout.count("Adapter written to") == 1

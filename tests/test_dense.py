@@ -7,14 +7,12 @@ geometry), and training runs real optimizers; so each test compares the library 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from launch import launch_two
 from models import ARCHS, build_tiny_model, build_tiny_tokenizer, save_bnb_sized_llama, tiny_batch
 from peft import LoraConfig, get_peft_model
 
@@ -379,13 +377,7 @@ def test_verify_detects_a_slice_written_outside_an_optimizer(tmp_path):
 def distributed_runs(tmp_path_factory):
     """One 2-process gloo run of tests/_dense_worker.py (DDP, FSDP2, FSDP1 in turn): its output folder."""
     out = tmp_path_factory.mktemp("dense-gloo")
-    worker = Path(__file__).with_name("_dense_worker.py")
-    src = Path(__file__).resolve().parents[1] / "src"  # the checkout's cast_peft, also in the child processes
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(src), str(Path(__file__).parent)])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
-               str(worker), str(out)]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=280)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    launch_two([str(Path(__file__).with_name("_dense_worker.py")), str(out)], port=29541)
     return out
 
 

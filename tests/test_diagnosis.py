@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +12,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from _diag_worker import OPTIONS, inputs, labelled_batches
+from launch import launch_two
 from models import ARCHS, VOCAB, build_byte_tokenizer, build_tiny_model, save_bnb_sized_llama
 
 from cast_peft.conflict_map import ConflictMap, spearman
@@ -380,29 +378,12 @@ def test_bad_input_is_refused_clearly():
 
 
 # ------------------------------------------------------------------------------------------------ multi-process
-def _launch(launcher: str, out: Path) -> list[str]:
-    """The command that starts 2 CPU processes of tests/_diag_worker.py with ``launcher``."""
-    worker = Path(__file__).with_name("_diag_worker.py")
-    if launcher == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                str(worker), str(out)]  # fmt: skip
-    # accelerate 1.15: `--cpu` or `distributed_type: MULTI_CPU` start ONE process (its simple launcher) unless mpirun is
-    # configured, so 2 CPU processes come from the multi-GPU launcher (torch.distributed.run); the worker's
-    # PartialState(cpu=True) then picks gloo. A config file of our own keeps a user's default config out.
-    config = out / "accelerate.yaml"
-    config.write_text(
-        "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_machines: 1\nnum_processes: 2\n"
-        "main_process_port: 29557\nmixed_precision: 'no'\nuse_cpu: false\n"
-    )
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), str(worker), str(out)]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
 def test_two_processes_give_the_single_process_map(launcher, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(_launch(launcher, tmp_path), env=env, capture_output=True, text=True, timeout=170)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    port = {"torchrun": 29559, "accelerate": 29557}[launcher]
+    launch_two([str(Path(__file__).with_name("_diag_worker.py")), str(tmp_path)], port=port, launcher=launcher,
+               scratch=tmp_path, timeout=170)  # fmt: skip
     model, safety, utility = inputs()
     single = diagnose(model, None, safety, utility, **OPTIONS)
     maps = [ConflictMap.load(tmp_path / f"rank{r}") for r in range(2)]

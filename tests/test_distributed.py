@@ -17,13 +17,11 @@ cast-peft: the base model rebuilt from its seed, head slices from the tiny Llama
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch import launch_two
 from models import build_tiny_model, tiny_batch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
@@ -39,13 +37,7 @@ PREFIX = "base_model.model."
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp-gloo")
-    worker = Path(__file__).with_name("_fsdp_worker.py")
-    src = Path(__file__).resolve().parents[1] / "src"  # the checkout's cast_peft, also in the child processes
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(src), str(Path(__file__).parent)])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29553",
-               str(worker), str(out)]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=280)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    launch_two([str(Path(__file__).with_name("_fsdp_worker.py")), str(out)], port=29553)
     return out
 
 

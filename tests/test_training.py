@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch import launch_two
 from models import build_tiny_model, build_tiny_tokenizer
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -104,12 +102,7 @@ def test_trl_dpo_trainer_with_adapter_disabled_reference(tmp_path):
 
 
 def test_ddp_two_cpu_processes_keep_skipped_heads_frozen(tmp_path):
-    worker = Path(__file__).with_name("_ddp_train.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-               str(worker), str(tmp_path)]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=280)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    launch_two([str(Path(__file__).with_name("_ddp_train.py")), str(tmp_path)], port=29517)
     _frozen_q_rows_zero(tmp_path / "adapter")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert ranks[0]["world_size"] == 2
