@@ -46,8 +46,8 @@ invocation (or alone with ``--report-only``).
 On a small CPU machine, one process per seed with one thread each (``OMP_NUM_THREADS=1 ... --seeds 1`` and
 ``OMP_NUM_THREADS=1 ... --seeds 2``, side by side into the same folder) finishes more runs per hour than one process
 with every core: on 2 cores, 2 look-alike runs took 945 s side by side against 600 s for one run alone (1.27x the
-throughput). The seeds' run files are disjoint, so the processes never write the same file. Each run records its
-``torch_threads``. In the full modes, calibrate the learning rate with a single process first.
+throughput). The seeds' run files are disjoint; the report, written atomically by each process as it ends, is
+rebuilt once afterwards with ``--report-only``. Each run records its ``torch_threads``. In the full modes, calibrate the learning rate with a single process first.
 
     .venv/bin/python benchmarks/tradeoff.py --quick --model PATH --results /tmp/t   # minutes; tests/test_tradeoff_quick
     .venv/bin/python benchmarks/tradeoff.py --profile reduced --seeds 0 --regimes mixed --methods base,lora,cast-10
