@@ -276,11 +276,12 @@ def calibrate(out: Path, settings: dict, splits: dict, cmap: ConflictMap, model_
               log: Any, out_of_time: Any) -> bool:  # fmt: skip
     """Pick the full-FT learning rate on the all-heads run only, before any skip run; ``True`` once one is pinned.
 
-    Trains ``full`` with the first run seed at every ``--calibrate-lr`` candidate in every regime (resumable:
-    ``RESULTS/calibration/REGIME/full__lrLR__seedS.json``), then applies the rule of
-    ``_tradeoff_lib.pick_learning_rate`` (smallest lr reaching ``calibration_target`` harmful refusal in every
-    regime), records candidates, results and choice in ``settings.json["calibration"]`` and files the chosen run as
-    the study's ``full`` run of that seed (the same computation). No candidate reaching the target is an error.
+    Trains ``full`` with the first run seed at the ``--calibrate-lr`` candidates in every regime, smallest first
+    (resumable: ``RESULTS/calibration/REGIME/full__lrLR__seedS.json``), and stops at the first one that meets the
+    rule of ``_tradeoff_lib.pick_learning_rate`` (smallest lr reaching ``calibration_target`` harmful refusal in every
+    regime): the larger ones could not change the choice, and each costs a whole run. Records candidates, the ones
+    trained, their results and the choice in ``settings.json["calibration"]`` and files the chosen run as the study's
+    ``full`` run of that seed (the same computation). No candidate reaching the target is an error.
     """
     seed, candidates = settings["seeds"][0], settings["calibrate_lr"]
     refusal: dict[float, dict[str, float]] = {}
@@ -298,6 +299,8 @@ def calibrate(out: Path, settings: dict, splits: dict, cmap: ConflictMap, model_
             run = json.loads(path.read_text())
             runs.setdefault(lr, {})[regime] = run
             refusal.setdefault(lr, {})[regime] = run["summary"]["harmful_refusal"]
+        if lib.pick_learning_rate({lr: refusal[lr]}, settings["calibration_target"]) is not None:
+            break  # candidates are sorted: this is the smallest one reaching the target
     target = settings["calibration_target"]
     chosen = lib.pick_learning_rate(refusal, target)
     if chosen is None:
@@ -305,6 +308,7 @@ def calibrate(out: Path, settings: dict, splits: dict, cmap: ConflictMap, model_
                          "add larger learning rates to --calibrate-lr.")  # fmt: skip
     record = {"rule": "smallest candidate lr whose all-heads run reaches harmful refusal >= target in every regime",
               "target": target, "seed": seed, "regimes": settings["regimes"], "candidates": candidates,
+              "trained": sorted(runs),
               "summary": {f"{lr:g}": {g: r["summary"] for g, r in by.items()} for lr, by in runs.items()},
               "compute_s": round(sum(r["train_time_s"] + r["eval_time_s"] for by in runs.values() for r in by.values())),
               "chosen": chosen}  # fmt: skip
@@ -425,6 +429,8 @@ def run_study(args: argparse.Namespace, settings: dict[str, Any], out: Path, com
     if settings.get("study") == "lookalike":
         get_generic_map(out, model, tokenizer, splits, settings, log)
     del model
+    if not set(settings["methods"]) - {"base"}:  # nothing trains: no learning rate (or calibration) is needed
+        return
     calibrated = settings["mode"] == "lora" or settings["learning_rate"] is not None
     if not calibrated and not calibrate(out, settings, splits, cmap, args.model, meta, log, out_of_time):
         return
@@ -842,10 +848,12 @@ def calibration_section(out: Path) -> list[str]:
     record = json.loads(path.read_text()).get("calibration") if path.exists() else None
     if not record:
         return []
+    skipped = [f"{lr:g}" for lr in record["candidates"] if lr not in record.get("trained", record["candidates"])]
+    untried = f" Not trained (larger than the chosen lr): {', '.join(skipped)}." if skipped else ""
     lines = ["## Learning rate (calibrated on the all-heads run only, before any skip run)", "",
              f"Rule: {record['rule']} (target {record['target']:.0%}; seed {record['seed']}). "
              f"Chosen: **lr {record['chosen']:g}**. Compute of these runs: {record['compute_s'] / 60:.1f} min (the "
-             "chosen one is also the study's `full` run of that seed).", "",
+             "chosen one is also the study's `full` run of that seed)." + untried, "",
              "| lr | regime | harmful refusal | XSTest over-refusal | self-instruct NLL | KL drift |", "|---|---|---|---|---|---|"]  # fmt: skip
     for lr, by_regime in record["summary"].items():
         for regime, x in by_regime.items():

@@ -109,20 +109,14 @@ def test_full_mode_calibrates_then_runs_with_exactly_frozen_heads(tiny_model_dir
     monkeypatch.setattr(lib, "train_full", spy)
     report = tradeoff.main([*common, "--methods", methods, "--calibrate-lr", "1e-3,3e-3"])
 
-    # Calibration: `full` at both candidates first, then the skip runs at the chosen (smallest reaching the quick
-    # profile's target of 0) lr; the chosen calibration run is the study's full run.
-    assert [(t["lr"], bool(t["skip"])) for t in trained[:2]] == [(1e-3, False), (3e-3, False)]
-    assert all(t["lr"] == 1e-3 and t["skip"] for t in trained[2:]) and len(trained) == 6
+    # Calibration: `full` at the smallest candidate first; it reaches the quick profile's target of 0, so the larger
+    # one is never trained (it could not be chosen); then the skip runs at that lr. The chosen calibration run is the
+    # study's full run.
+    assert [(t["lr"], bool(t["skip"])) for t in trained[:1]] == [(1e-3, False)]
+    assert all(t["lr"] == 1e-3 and t["skip"] for t in trained[1:]) and len(trained) == 5
     record = json.loads((results / "settings.json").read_text())["calibration"]
-    assert (
-        record["chosen"] == 1e-3
-        and record["candidates"] == [1e-3, 3e-3]
-        and set(record["summary"])
-        == {
-            "0.001",
-            "0.003",
-        }
-    )
+    assert record["chosen"] == 1e-3 and record["candidates"] == [1e-3, 3e-3] and record["trained"] == [1e-3]
+    assert set(record["summary"]) == {"0.001"}
     full_run = json.loads((results / "runs" / "safety" / "full__seed0.json").read_text())
     assert full_run["calibration_run"] and full_run["summary"] == record["summary"]["0.001"]["safety"]
     assert full_run["n_skipped"] == 0 and full_run["frozen_check"] is None
@@ -130,9 +124,10 @@ def test_full_mode_calibrates_then_runs_with_exactly_frozen_heads(tiny_model_dir
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     runs = {p.stem.split("__")[0]: json.loads(p.read_text()) for p in (results / "runs" / "safety").glob("*.json")}
     assert sorted(runs) == sorted(methods.split(",")[1:])
-    for t in trained[:2]:  # all heads: every attention entry moved, nothing else did
-        _check_run(t["state"], base, {}, mlp_trained=False)
-    for name, t in zip(methods.split(",")[2:], trained[2:]):  # runs train in --methods order
+    _check_run(
+        trained[0]["state"], base, {}, mlp_trained=False
+    )  # all heads: every attention entry moved, nothing else
+    for name, t in zip(methods.split(",")[2:], trained[1:]):  # runs train in --methods order
         run = runs[name]
         assert run["skip_heads"] == {str(k): v for k, v in t["skip"].items()}
         _check_run(t["state"], base, t["skip"], mlp_trained=False)
@@ -149,6 +144,7 @@ def test_full_mode_calibrates_then_runs_with_exactly_frozen_heads(tiny_model_dir
 
     text = report.read_text()
     assert "CAST vs full fine-tuning vs controls" in text and "Chosen: **lr 0.001**" in text
+    assert "Not trained (larger than the chosen lr): 0.003." in text
     assert "vs full" in text and "below random-kv-60" in text and "| random-depth-60 |" in text
 
     # Resuming trains nothing; calibrating again on other candidates is refused.
@@ -203,3 +199,34 @@ def test_lora_mode_runs_the_confound_controls(tiny_model_dir: Path, tmp_path: Pa
 
     assert whole_groups(kv) == whole_groups(cast) >= 1
     assert sum(map(len, kv.values())) == sum(map(len, cast.values())) == 5
+
+
+def test_full_mode_evaluates_the_base_alone_without_a_calibration(tiny_model_dir: Path, tmp_path: Path):
+    import tradeoff
+
+    # Nothing trains, so no learning rate is needed: the base run and the map are made, and calibration is left for
+    # the first invocation that trains.
+    results = tmp_path / "base_only"
+    report = tradeoff.main(["--quick", "--mode", "full", "--model", str(tiny_model_dir), "--results", str(results),
+                            "--methods", "base"])  # fmt: skip
+    assert (results / "runs" / "base.json").exists() and (results / "map" / "conflict_map.json").exists()
+    assert "calibration" not in json.loads((results / "settings.json").read_text())
+    assert report is not None and "Runs present: 0 trained + base" in report.read_text()
+
+
+def test_calibration_trains_every_candidate_when_none_reaches_the_target(tiny_model_dir: Path, tmp_path: Path):
+    import tradeoff
+
+    # A target of 101% harmful refusal cannot be reached: every candidate is trained (a failing one never stops the
+    # search), then the run stops with an error that names the fix and pins nothing.
+    results = tmp_path / "unreachable"
+    with pytest.raises(SystemExit, match="No candidate lr reaches.*add larger learning rates"):
+        tradeoff.main(["--quick", "--mode", "full", "--model", str(tiny_model_dir), "--results", str(results),
+                       "--methods", "base,full,cast-60", "--calibrate-lr", "1e-3,3e-3",
+                       "--set", "calibration_target=1.01"])  # fmt: skip
+    assert sorted(p.name for p in (results / "calibration" / "safety").iterdir()) == [
+        "full__lr0.001__seed0.json",
+        "full__lr0.003__seed0.json",
+    ]
+    assert "calibration" not in json.loads((results / "settings.json").read_text())
+    assert not (results / "runs" / "safety").exists()
