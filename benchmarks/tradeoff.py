@@ -283,7 +283,7 @@ def calibrate(out: Path, settings: dict, splits: dict, cmap: ConflictMap, model_
     trained, their results and the choice in ``settings.json["calibration"]`` and files the chosen run as the study's
     ``full`` run of that seed (the same computation). No candidate reaching the target is an error.
     """
-    seed, candidates = settings["seeds"][0], settings["calibrate_lr"]
+    seed, candidates, target = settings["seeds"][0], settings["calibrate_lr"], settings["calibration_target"]
     refusal: dict[float, dict[str, float]] = {}
     runs: dict[float, dict[str, dict]] = {}
     for lr in candidates:
@@ -299,9 +299,8 @@ def calibrate(out: Path, settings: dict, splits: dict, cmap: ConflictMap, model_
             run = json.loads(path.read_text())
             runs.setdefault(lr, {})[regime] = run
             refusal.setdefault(lr, {})[regime] = run["summary"]["harmful_refusal"]
-        if lib.pick_learning_rate({lr: refusal[lr]}, settings["calibration_target"]) is not None:
+        if lib.pick_learning_rate({lr: refusal[lr]}, target) is not None:
             break  # candidates are sorted: this is the smallest one reaching the target
-    target = settings["calibration_target"]
     chosen = lib.pick_learning_rate(refusal, target)
     if chosen is None:
         raise SystemExit(f"No candidate lr reaches {target:.0%} harmful refusal with all heads trained ({refusal}); "

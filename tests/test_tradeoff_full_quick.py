@@ -124,9 +124,8 @@ def test_full_mode_calibrates_then_runs_with_exactly_frozen_heads(tiny_model_dir
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     runs = {p.stem.split("__")[0]: json.loads(p.read_text()) for p in (results / "runs" / "safety").glob("*.json")}
     assert sorted(runs) == sorted(methods.split(",")[1:])
-    _check_run(
-        trained[0]["state"], base, {}, mlp_trained=False
-    )  # all heads: every attention entry moved, nothing else
+    # All heads: every attention entry moved, nothing else did.
+    _check_run(trained[0]["state"], base, {}, mlp_trained=False)
     for name, t in zip(methods.split(",")[2:], trained[1:]):  # runs train in --methods order
         run = runs[name]
         assert run["skip_heads"] == {str(k): v for k, v in t["skip"].items()}
