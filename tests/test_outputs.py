@@ -58,8 +58,17 @@ def _start(args: list[str], stage: str) -> subprocess.Popen:
     proc = subprocess.Popen(
         [sys.executable, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
-    threading.Timer(240, proc.kill).start()  # a worker that never pauses must not hang the suite
+    _watchdog(proc.kill)
     return proc
+
+
+def _watchdog(kill) -> threading.Timer:
+    """Kill after 240 s, so a worker that never pauses cannot hang the suite; a daemon thread, so a pending timer
+    does not keep pytest from exiting when the tests are done."""
+    timer = threading.Timer(240, kill)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 class _Forked:
@@ -84,8 +93,7 @@ class _Forked:
                 os._exit(code)
         os.close(write)
         self.stderr = os.fdopen(read)
-        self._timer = threading.Timer(240, self.kill)  # a child that never pauses must not hang the suite
-        self._timer.start()
+        self._timer = _watchdog(self.kill)
 
     def kill(self) -> None:
         if self.returncode is None:
